@@ -1,0 +1,26 @@
+"""bigalign: large-batch multimodal contrastive pretraining in JAX/Flax."""
+
+from setuptools import find_packages, setup
+
+setup(
+    name="bigalign",
+    version="0.1.0",
+    description="Large-batch multimodal contrastive pretraining (CLIP, SigLIP) in JAX/Flax.",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    packages=find_packages(include=["bigalign", "bigalign.*"]),
+    python_requires=">=3.11",
+    install_requires=[
+        "jax>=0.7.0",  # jax.shard_map at top level
+        "flax>=0.10.0",
+        "optax>=0.2.4",
+        "orbax-checkpoint>=0.11.0",
+        "tensorflow-datasets>=4.9.7",  # tfds.data_source without TensorFlow
+        "sentencepiece>=0.2.0",
+        "ml_collections>=1.0.0",
+        "grain>=0.2.12",  # grain.MapDataset / grain.checkpoint at top level
+        "numpy>=1.26",
+        "pillow>=10.0",
+    ],
+    extras_require={"test": ["pytest>=8.0"]},
+)
