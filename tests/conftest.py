@@ -10,3 +10,27 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 import jax  # noqa: E402  (must come after XLA_FLAGS)
 
 jax.config.update("jax_enable_x64", False)
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture
+def tiny_config():
+    """A config small enough that a train step compiles and runs in seconds on CPU."""
+    from bigalign.config import base_config
+
+    config = base_config()
+    config.batch_size = 16
+    config.total_steps = 20
+    config.log_every = 5
+    config.checkpoint_every = 10
+    config.optimizer.warmup_steps = 2
+    config.data.image_size = 16
+    config.data.num_train = 256
+    config.data.num_eval = 48
+    config.text.max_len = 12
+    config.model.embed_dim = 16
+    for tower in (config.model.image, config.model.text):
+        tower.width, tower.depth, tower.num_heads, tower.mlp_dim = 32, 1, 2, 64
+    config.eval.batch_size = 16
+    return config

@@ -1,0 +1,54 @@
+"""Transformer text tower (as in CLIP).
+
+token ids [B, L] (0 = padding) -> token embedding + learned positions ->
+pre-LN Transformer (causal or bidirectional, padding masked out) -> one
+vector per text [B, width], pooled at the last real token (`last`, the EOS
+token the tokenizer appends), the first token (`first`), or by attention
+pooling (`map`).
+"""
+
+import flax.linen as nn
+import jax.numpy as jnp
+
+from bigalign.models.transformer import AttentionPool, Encoder
+
+POOLINGS = ("last", "first", "map")
+PAD_ID = 0
+
+
+class TextTransformer(nn.Module):
+    vocab_size: int
+    max_len: int
+    width: int
+    depth: int
+    num_heads: int
+    mlp_dim: int
+    causal: bool = True
+    pool: str = "last"
+    dropout_rate: float = 0.0
+
+    @nn.compact
+    def __call__(self, tokens, *, deterministic: bool = True):
+        if self.pool not in POOLINGS:
+            raise ValueError(f"unknown text pooling {self.pool!r}; use one of {POOLINGS}")
+        batch, length = tokens.shape
+        is_token = tokens != PAD_ID  # [B, L]
+        x = nn.Embed(self.vocab_size, self.width, name="token_embed")(tokens)
+        positions = self.param(
+            "position_embedding", nn.initializers.normal(stddev=0.01), (1, self.max_len, self.width)
+        )
+        x = x + positions[:, :length]
+        mask = nn.make_attention_mask(is_token, is_token)  # [B, 1, L, L]
+        if self.causal:
+            mask = nn.combine_masks(mask, nn.make_causal_mask(tokens))
+        x = Encoder(self.depth, self.num_heads, self.mlp_dim, self.dropout_rate, name="encoder")(
+            x, mask, deterministic=deterministic
+        )
+        if self.pool == "first":
+            return x[:, 0]
+        if self.pool == "map":
+            return AttentionPool(self.num_heads, self.mlp_dim, name="map_head")(
+                x, mask=is_token[:, None, None, :]
+            )
+        last = jnp.maximum(is_token.sum(axis=1) - 1, 0)  # index of the EOS token, [B]
+        return x[jnp.arange(batch), last]

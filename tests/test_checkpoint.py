@@ -1,0 +1,67 @@
+"""Checkpoints round-trip the whole train state and the data iterator position."""
+
+import jax
+import numpy as np
+import pytest
+
+from bigalign import sharding, train
+from bigalign.checkpoint import Checkpointer
+from bigalign.data import pipeline, tokenizer as tokenizer_lib
+from bigalign.errors import UserError
+from bigalign.models.towers import build_model
+
+
+def build(config, tmp_path, init_seed):
+    """State initialised from `init_seed`; the data stream always from seed 0."""
+    config.seed = init_seed
+    tokenizer = tokenizer_lib.load_or_train(
+        str(tmp_path / "tok.model"), lambda: pipeline.tokenizer_corpus(config.data), 64
+    )
+    mesh = sharding.make_mesh(config.mesh)
+    model = build_model(config.model, vocab_size=tokenizer.vocab_size, max_len=config.text.max_len)
+    optimizer = train.make_optimizer(config)
+    state = train.create_train_state(config, model, optimizer, mesh)
+    data = iter(
+        pipeline.train_dataset(
+            config.data, tokenizer, max_len=config.text.max_len,
+            global_batch_size=config.batch_size, seed=0,
+        )
+    )
+    step = train.make_train_step(config, model, optimizer, mesh)
+    return mesh, state, data, step
+
+
+def test_save_restore_round_trips_state_and_data_position(tiny_config, tmp_path):
+    mesh, state, data, step = build(tiny_config, tmp_path, init_seed=1)
+    for _ in range(3):
+        state, _ = step(state, sharding.global_batch(next(data), mesh))
+    checkpointer = Checkpointer(str(tmp_path / "ckpt"))
+    checkpointer.save(3, state, data)
+    checkpointer.wait()
+    expected_batch = next(data)
+
+    _, fresh_state, fresh_data, _ = build(tiny_config, tmp_path, init_seed=2)  # other parameters, fresh data iterator
+    restorer = Checkpointer(str(tmp_path / "ckpt"))
+    assert restorer.latest_step() == 3
+    restored = restorer.restore(3, fresh_state, fresh_data)
+    assert int(restored.step) == 3
+    saved_leaves, restored_leaves = jax.tree.leaves(state), jax.tree.leaves(restored)
+    assert len(saved_leaves) == len(restored_leaves)
+    for saved, loaded in zip(saved_leaves, restored_leaves):
+        if jax.dtypes.issubdtype(saved.dtype, jax.dtypes.prng_key):
+            saved, loaded = jax.random.key_data(saved), jax.random.key_data(loaded)
+        np.testing.assert_array_equal(np.asarray(saved), np.asarray(loaded))
+    restored_batch = next(fresh_data)
+    for key in expected_batch:
+        np.testing.assert_array_equal(expected_batch[key], restored_batch[key])
+
+
+def test_restoring_a_checkpoint_of_another_model_is_a_clear_error(tiny_config, tmp_path):
+    mesh, state, data, _ = build(tiny_config, tmp_path, init_seed=1)
+    checkpointer = Checkpointer(str(tmp_path / "ckpt"))
+    checkpointer.save(1, state, data)
+    checkpointer.wait()
+    tiny_config.model.image.width = 48
+    _, other_state, other_data, _ = build(tiny_config, tmp_path, init_seed=1)
+    with pytest.raises(UserError, match="does not match this model"):
+        Checkpointer(str(tmp_path / "ckpt")).restore(1, other_state, other_data)
