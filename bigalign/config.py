@@ -42,7 +42,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.text = ml_collections.ConfigDict(
         dict(
             max_len=16,
-            vocab_size=64,
+            vocab_size=128,  # whole-word pieces: every demo caption fits in 11 tokens
             tokenizer="",  # a sentencepiece .model path; "" trains WORKDIR/tokenizer.model
         )
     )

@@ -199,6 +199,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
             checkpointer.save(step, state, train_data)
     checkpointer.wait()
     checkpointer.close()
+    train_data.close()  # stops the prefetch thread or worker processes
 
     eval_data = pipeline.eval_data(config.data, tokenizer, max_len=config.text.max_len)
     results = evaluate.evaluate(

@@ -1,0 +1,1 @@
+"""Data: built-in synthetic sources, the sentencepiece tokenizer, and grain input pipelines."""
