@@ -24,7 +24,13 @@ class Checkpointer:
             max_to_keep=max_to_keep, enable_async_checkpointing=True, create=True
         )
         self._manager = ocp.CheckpointManager(
-            os.path.abspath(directory), options=options, item_names=("state", "data")
+            os.path.abspath(directory),
+            options=options,
+            item_names=("state", "data"),
+            item_handlers={
+                "state": ocp.StandardCheckpointHandler(),
+                "data": grain.checkpoint.CheckpointHandler(),
+            },
         )
 
     def latest_step(self) -> int | None:
@@ -47,21 +53,30 @@ class Checkpointer:
         was written. Raises UserError if the checkpoint holds another model.
         """
         abstract_state = jax.tree.map(ocp.utils.to_shape_dtype_struct, state_like)
-        try:
-            restored = self._manager.restore(
-                step,
-                args=ocp.args.Composite(
-                    state=ocp.args.StandardRestore(abstract_state),
-                    data=grain.checkpoint.CheckpointRestore(data_iterator),
-                ),
-            )
-        except (ValueError, KeyError) as error:
-            first_line = str(error).strip().splitlines()[0] if str(error).strip() else ""
-            raise UserError(
-                f"checkpoint {self._manager.directory}/{step} does not match this model/config "
-                f"({type(error).__name__}: {first_line[:200]}); use a new --workdir"
-            ) from error
+        self._check_compatible(step, abstract_state)
+        restored = self._manager.restore(
+            step,
+            args=ocp.args.Composite(
+                state=ocp.args.StandardRestore(abstract_state),
+                data=grain.checkpoint.CheckpointRestore(data_iterator),
+            ),
+        )
         return restored.state
+
+    def _check_compatible(self, step: int, abstract_state) -> None:
+        """Raises UserError naming the first array whose presence or shape differs."""
+        saved = _array_shapes(self._manager.item_metadata(step)["state"])
+        wanted = _array_shapes(abstract_state)
+        where = f"checkpoint {self._manager.directory}/{step}"
+        fix = "resume with the config it was trained with, or use a new --workdir"
+        for name in sorted(set(saved) ^ set(wanted)):
+            found = "has" if name in saved else "lacks"
+            raise UserError(f"{where} {found} {name!r}, unlike this model; {fix}")
+        for name, shape in wanted.items():
+            if saved[name] != shape and name != "rng":  # typed keys are saved as raw key data
+                raise UserError(
+                    f"{where} holds {name!r} with shape {saved[name]}, this model has {shape}; {fix}"
+                )
 
     def wait(self) -> None:
         """Blocks until pending async saves are on disk."""
@@ -69,3 +84,15 @@ class Checkpointer:
 
     def close(self) -> None:
         self._manager.close()
+
+
+def _array_shapes(tree) -> dict[str, tuple]:
+    """{"params/image/encoder/...": shape} for every array in a state or checkpoint metadata tree."""
+
+    def name(key) -> str:
+        return str(getattr(key, "key", getattr(key, "name", getattr(key, "idx", key))))
+
+    return {
+        "/".join(name(key) for key in path): tuple(leaf.shape)
+        for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]
+    }
