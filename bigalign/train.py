@@ -181,7 +181,8 @@ def train_and_evaluate(config, workdir: str) -> dict:
     start_step = checkpointer.latest_step() or 0
     if start_step:
         state = checkpointer.restore(start_step, state, train_data)
-        print(f"Resuming from the checkpoint at step {start_step} in {workdir}", flush=True)
+        done = " (training is complete: evaluating only)" if start_step >= config.total_steps else ""
+        print(f"Resuming from the checkpoint at step {start_step} in {workdir}{done}", flush=True)
     else:
         print(f"Starting a new run in {workdir}", flush=True)
     num_params = sum(x.size for x in jax.tree.leaves(state.params))
