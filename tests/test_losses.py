@@ -1,0 +1,247 @@
+"""Tests for bigalign.losses against float64 NumPy references written from the formulas."""
+
+import contextlib
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
+
+from bigalign import losses
+
+# (B, D, scale, bias, tile_size): tile_size subdivides the per-device block.
+CASES = [
+    (8, 4, 1.0, 0.0, None),
+    (32, 16, 10.0, -3.0, None),
+    (64, 8, 30.0, -10.0, 4),
+]
+MESHES = {
+    "none": lambda: None,
+    "data8": lambda: jax.make_mesh((8,), ("data",)),
+    "data4_fsdp2": lambda: jax.make_mesh((4, 2), ("data", "fsdp")),
+    "data8_auto": lambda: jax.make_mesh((8,), ("data",), axis_types=(AxisType.Auto,)),
+}
+
+# ---------------------------------------------------------------------------
+# Float64 NumPy references
+# ---------------------------------------------------------------------------
+
+
+def _log_sigmoid(u):
+    return -np.logaddexp(0.0, -u)
+
+
+def _logsumexp(a, axis):
+    peak = a.max(axis=axis, keepdims=True)
+    return (peak + np.log(np.exp(a - peak).sum(axis=axis, keepdims=True))).squeeze(axis)
+
+
+def reference(name, x, y, scale, bias):
+    """Loss and its gradients (x, y, scale, bias), derived by hand from the formula."""
+    batch = len(x)
+    dots = x @ y.T  # [B, B]
+    logits = scale * dots + bias
+    eye = np.eye(batch)
+    if name.startswith("softmax"):
+        row_lse, col_lse = _logsumexp(logits, 1), _logsumexp(logits, 0)
+        diag = np.diag(logits)
+        loss = 0.5 * (np.mean(row_lse - diag) + np.mean(col_lse - diag))
+        row_softmax = np.exp(logits - row_lse[:, None])
+        col_softmax = np.exp(logits - col_lse[None, :])
+        grad_logits = (row_softmax + col_softmax - 2 * eye) / (2 * batch)
+    else:
+        signs = 2 * eye - 1
+        loss = -_log_sigmoid(signs * logits).sum() / batch
+        grad_logits = -signs * np.exp(_log_sigmoid(-signs * logits)) / batch
+    grads = (
+        scale * grad_logits @ y,
+        scale * grad_logits.T @ x,
+        np.sum(grad_logits * dots),
+        np.sum(grad_logits),
+    )
+    return loss, grads
+
+
+def random_pair(batch, dim, seed):
+    rng = np.random.default_rng(seed)
+    x, y = rng.normal(size=(2, batch, dim))
+    return (
+        x / np.linalg.norm(x, axis=1, keepdims=True),
+        y / np.linalg.norm(y, axis=1, keepdims=True),
+    )
+
+
+def on_mesh(array, mesh):
+    if mesh is None:
+        return jnp.asarray(array, jnp.float32)
+    return jax.device_put(jnp.asarray(array, jnp.float32), NamedSharding(mesh, P("data", None)))
+
+
+def assert_close(actual, expected, atol=1e-6):
+    np.testing.assert_allclose(np.asarray(actual, np.float64), expected, rtol=1e-5, atol=atol)
+
+
+# ---------------------------------------------------------------------------
+# The references themselves
+# ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", ["softmax", "sigmoid"])
+def test_reference_gradients_match_finite_differences(name):
+    x, y = random_pair(6, 3, seed=1)
+    scale, bias = 4.0, -1.5
+    _, grads = reference(name, x, y, scale, bias)
+    step = 1e-6
+
+    def numeric(loss_of):
+        return (loss_of(step) - loss_of(-step)) / (2 * step)
+
+    def loss(x=x, y=y, scale=scale, bias=bias):
+        return reference(name, x, y, scale, bias)[0]
+
+    for i, j in [(0, 0), (3, 2), (5, 1)]:
+        delta = np.zeros_like(x)
+        delta[i, j] = 1
+        assert numeric(lambda h: loss(x=x + h * delta)) == pytest.approx(grads[0][i, j], abs=1e-7)
+        assert numeric(lambda h: loss(y=y + h * delta)) == pytest.approx(grads[1][i, j], abs=1e-7)
+    assert numeric(lambda h: loss(scale=scale + h)) == pytest.approx(grads[2], abs=1e-7)
+    assert numeric(lambda h: loss(bias=bias + h)) == pytest.approx(grads[3], abs=1e-7)
+
+
+# ---------------------------------------------------------------------------
+# Every variant against the reference
+# ---------------------------------------------------------------------------
+
+
+def _value_and_grads(name, mesh, tile_size):
+    def loss(x, y, scale, bias):
+        return losses.compute(name, x, y, scale=scale, bias=bias, mesh=mesh, tile_size=tile_size)
+
+    return jax.value_and_grad(loss, argnums=(0, 1, 2, 3))
+
+
+@pytest.mark.parametrize("mesh_kind", list(MESHES))
+@pytest.mark.parametrize("name", losses.NAMES)
+def test_matches_reference_under_jit(name, mesh_kind):
+    mesh = MESHES[mesh_kind]()
+    for seed, (batch, dim, scale, bias, tile_size) in enumerate(CASES):
+        tile_size = tile_size if name in ("softmax_tiled", "sigmoid_chunked") else None
+        x, y = random_pair(batch, dim, seed)
+        expected_loss, expected_grads = reference(name, x, y, scale, bias)
+        step = jax.jit(_value_and_grads(name, mesh, tile_size))
+        loss, grads = step(
+            on_mesh(x, mesh), on_mesh(y, mesh), jnp.float32(scale), jnp.float32(bias)
+        )
+        assert loss.dtype == jnp.float32
+        assert_close(loss, expected_loss)
+        for actual, expected in zip(grads, expected_grads):
+            assert_close(actual, expected)
+        if mesh is not None:  # gradients stay sharded like the embeddings
+            for grad in grads[:2]:
+                assert grad.sharding.is_equivalent_to(NamedSharding(mesh, P("data", None)), 2)
+
+
+@pytest.mark.parametrize("name", losses.NAMES)
+def test_matches_reference_eagerly(name):
+    x, y = random_pair(16, 8, seed=7)
+    expected_loss, expected_grads = reference(name, x, y, 5.0, -2.0)
+    for mesh in (None, MESHES["data8"]()):
+        # Eager grad on an Explicit mesh needs the mesh context (a JAX requirement).
+        with jax.set_mesh(mesh) if mesh is not None else contextlib.nullcontext():
+            loss, grads = _value_and_grads(name, mesh, None)(
+                on_mesh(x, mesh), on_mesh(y, mesh), jnp.float32(5.0), jnp.float32(-2.0)
+            )
+        assert_close(loss, expected_loss)
+        for actual, expected in zip(grads, expected_grads):
+            assert_close(actual, expected)
+
+
+@pytest.mark.parametrize("name", ["sigmoid", "sigmoid_chunked"])
+def test_sigmoid_bias_none_means_zero(name):
+    x, y = random_pair(16, 8, seed=3)
+    expected_loss, _ = reference(name, x, y, 7.0, 0.0)
+    assert_close(losses.compute(name, jnp.asarray(x), jnp.asarray(y), scale=7.0), expected_loss)
+
+
+@pytest.mark.parametrize("name", losses.NAMES)
+def test_bfloat16_inputs_compute_in_float32(name):
+    x, y = random_pair(16, 8, seed=4)
+    expected_loss, _ = reference(name, x, y, 10.0, -5.0)
+    x16, y16 = jnp.asarray(x, jnp.bfloat16), jnp.asarray(y, jnp.bfloat16)
+    loss, grad_x = jax.value_and_grad(
+        lambda x: losses.compute(name, x, y16, scale=10.0, bias=-5.0)
+    )(x16)
+    assert loss.dtype == jnp.float32 and grad_x.dtype == jnp.bfloat16
+    np.testing.assert_allclose(loss, expected_loss, rtol=2e-2)
+
+
+def test_lean_variants_use_less_memory():
+    mesh = MESHES["data8"]()
+    x = on_mesh(np.zeros((2048, 8)), mesh)
+
+    def temp_bytes(name):
+        step = jax.jit(_value_and_grads(name, mesh, None))
+        compiled = step.lower(x, x, jnp.float32(1.0), jnp.float32(0.0)).compile()
+        return compiled.memory_analysis().temp_size_in_bytes
+
+    assert temp_bytes("softmax_tiled") * 4 < temp_bytes("softmax")
+    assert temp_bytes("sigmoid_chunked") * 4 < temp_bytes("sigmoid")
+
+
+# ---------------------------------------------------------------------------
+# Alignment and uniformity
+# ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("alpha", [1, 2])
+def test_alignment(alpha):
+    x, y = random_pair(32, 8, seed=5)
+    expected = np.mean(np.linalg.norm(x - y, axis=1) ** alpha)
+    assert_close(losses.alignment(jnp.asarray(x), jnp.asarray(y), alpha), expected)
+    mesh = MESHES["data8"]()
+    aligned = jax.jit(lambda a, b: losses.alignment(a, b, alpha, mesh=mesh))
+    value = aligned(on_mesh(x, mesh), on_mesh(y, mesh))
+    assert_close(value, expected)
+
+
+@pytest.mark.parametrize("mesh_kind", list(MESHES))
+def test_uniformity(mesh_kind):
+    mesh = MESHES[mesh_kind]()
+    x, _ = random_pair(32, 8, seed=6)
+    sq_dist = ((x[:, None, :] - x[None, :, :]) ** 2).sum(-1)  # [B, B]
+    off_diagonal = ~np.eye(len(x), dtype=bool)
+    for t in (2.0, 0.5):
+        expected = np.log(np.mean(np.exp(-t * sq_dist[off_diagonal])))
+        value = jax.jit(lambda a: losses.uniformity(a, t, mesh=mesh))(on_mesh(x, mesh))
+        assert_close(value, expected)
+
+
+# ---------------------------------------------------------------------------
+# Bad calls
+# ---------------------------------------------------------------------------
+
+
+def test_bad_calls_raise_value_errors():
+    mesh = MESHES["data8"]()
+    x = jnp.zeros((16, 4))
+    valid = "softmax, softmax_tiled, sigmoid, sigmoid_chunked"
+    with pytest.raises(ValueError, match=f"unknown loss 'infonce'; valid names are {valid}"):
+        losses.compute("infonce", x, x, scale=1.0)
+    not_divisible = "batch size 12 is not divisible by mesh axis 'data' of size 8.*multiple of 8"
+    with pytest.raises(ValueError, match=not_divisible):
+        losses.compute("softmax", jnp.zeros((12, 4)), jnp.zeros((12, 4)), scale=1.0, mesh=mesh)
+    with pytest.raises(ValueError, match=r"same shape; got x \(16, 4\) and y \(16, 5\)"):
+        losses.compute("sigmoid", x, jnp.zeros((16, 5)), scale=1.0)
+    with pytest.raises(ValueError, match=r"2-D \[batch, dim\]"):
+        losses.compute("sigmoid", jnp.zeros((16,)), jnp.zeros((16,)), scale=1.0)
+    with pytest.raises(ValueError, match="axis 'model' is not a mesh axis"):
+        losses.compute("softmax", x, x, scale=1.0, mesh=mesh, axis="model")
+    with pytest.raises(ValueError, match="tile_size 3 must be a positive divisor of .* batch 2"):
+        losses.compute("softmax_tiled", x, x, scale=1.0, mesh=mesh, tile_size=3)
+    with pytest.raises(ValueError, match="scale and bias must be scalars"):
+        losses.compute("softmax", x, x, scale=jnp.ones(2))
+    with pytest.raises(ValueError, match="same shape"):
+        losses.alignment(x, jnp.zeros((8, 4)))
+    with pytest.raises(ValueError, match="2-D"):
+        losses.uniformity(jnp.zeros((4, 2, 2)))
