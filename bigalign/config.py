@@ -60,7 +60,16 @@ def base_config() -> ml_collections.ConfigDict:
             ),
         )
     )
-    c.loss = ml_collections.ConfigDict(dict(name="sigmoid"))
+    c.loss = ml_collections.ConfigDict(
+        dict(
+            name="sigmoid",
+            alignment_weight=0.0,  # weight of mean ||image_i - text_i||^2
+            uniformity_weight=0.0,  # weight of the mean of the two modalities' uniformity
+        )
+    )
+    # GradCache: embed the batch in num_chunks pieces and recompute each one's forward in the
+    # backward pass; same gradients, tower activation memory / num_chunks. 1: off.
+    c.grad_cache = ml_collections.ConfigDict(dict(num_chunks=1))
     c.eval = ml_collections.ConfigDict(dict(batch_size=250, recall_at=(1, 5)))
     return c
 
@@ -98,6 +107,13 @@ def validate(config: ml_collections.ConfigDict) -> None:
         config.batch_size > 0 and config.batch_size % num_shards == 0,
         f"batch_size={config.batch_size} is not divisible by the {num_shards} data shards; "
         f"use a multiple of {num_shards}",
+    )
+    chunks, per_device = config.grad_cache.num_chunks, config.batch_size // num_shards
+    require(
+        isinstance(chunks, int) and chunks >= 1 and per_device % chunks == 0,
+        f"grad_cache.num_chunks={chunks} must be a positive divisor of the per-device batch "
+        f"{per_device} (batch_size={config.batch_size} over {num_shards} data shards); "
+        f"pick a divisor of {per_device}, or 1 to turn GradCache off",
     )
     require(
         config.loss.name in losses.NAMES,

@@ -20,7 +20,7 @@ import numpy as np
 import optax
 
 from bigalign import config as config_lib
-from bigalign import evaluate, losses, sharding
+from bigalign import evaluate, grad_cache, losses, sharding
 from bigalign.checkpoint import Checkpointer
 from bigalign.data import pipeline, tokenizer as tokenizer_lib
 from bigalign.errors import UserError
@@ -73,6 +73,22 @@ def example_batch(config) -> dict:
     }
 
 
+def random_batch(config, rng: np.random.Generator) -> dict:
+    """A global batch of random inputs with the config's shapes, for benchmarks and tests.
+
+    Gaussian images; token rows of ids >= 3 ending in EOS (2) at a random length, then padding.
+    """
+    size, length, batch = config.data.image_size, config.text.max_len, config.batch_size
+    tokens = rng.integers(3, config.text.vocab_size, size=(batch, length))
+    lengths = rng.integers(1, length + 1, size=batch)
+    tokens[np.arange(batch), lengths - 1] = 2
+    tokens[np.arange(length)[None, :] >= lengths[:, None]] = 0
+    return {
+        "image": rng.normal(size=(batch, size, size, 3)).astype(np.float32),
+        "text": tokens.astype(np.int32),
+    }
+
+
 def create_train_state(config, model, optimizer, mesh) -> TrainState:
     """Fresh parameters and optimizer state, replicated over the mesh."""
 
@@ -89,38 +105,69 @@ def create_train_state(config, model, optimizer, mesh) -> TrainState:
     return jax.jit(init, out_shardings=sharding.replicated(mesh))()
 
 
+def make_output_loss(config, mesh):
+    """output_loss(outputs) -> the training loss of the model's outputs for one global batch.
+
+    The contrastive loss, plus optional alignment and uniformity terms (Wang & Isola,
+    2020) weighted by `loss.alignment_weight` and `loss.uniformity_weight`, which pull
+    pairs together and spread each modality over the sphere (closing the modality gap).
+    """
+    axis = sharding.DATA_AXIS
+
+    def output_loss(outputs):
+        image, text = outputs["embeddings"]["image"], outputs["embeddings"]["text"]  # [B, E]
+        loss = losses.compute(
+            config.loss.name,
+            image,
+            text,
+            scale=outputs["logit_scale"],
+            bias=outputs["logit_bias"],
+            mesh=mesh,
+            axis=axis,
+        )
+        if config.loss.alignment_weight:
+            loss += config.loss.alignment_weight * losses.alignment(image, text, mesh=mesh, axis=axis)
+        if config.loss.uniformity_weight:
+            uniformity = losses.uniformity(image, mesh=mesh, axis=axis) + losses.uniformity(
+                text, mesh=mesh, axis=axis
+            )
+            loss += config.loss.uniformity_weight * uniformity / 2
+        return loss
+
+    return output_loss
+
+
 def make_loss_fn(config, model, mesh):
     """loss_fn(params, batch, rng) -> (loss, model outputs): the contrastive loss of one batch."""
+    output_loss = make_output_loss(config, mesh)
 
     def loss_fn(params, batch, rng):
         outputs = model.apply(
             {"params": params}, batch, deterministic=False, rngs={"dropout": rng}
         )
-        embeddings = outputs["embeddings"]  # {"image": [B, E], "text": [B, E]}
-        loss = losses.compute(
-            config.loss.name,
-            embeddings["image"],
-            embeddings["text"],
-            scale=outputs["logit_scale"],
-            bias=outputs["logit_bias"],
-            mesh=mesh,
-            axis=sharding.DATA_AXIS,
-        )
-        return loss, outputs
+        return output_loss(outputs), outputs
 
     return loss_fn
+
+
+def make_value_and_grad(config, model, mesh):
+    """fn(params, batch, rng) -> ((loss, outputs), grads); GradCache if grad_cache.num_chunks > 1."""
+    if config.grad_cache.num_chunks > 1:
+        return grad_cache.value_and_grad(
+            model, make_output_loss(config, mesh), mesh=mesh,
+            num_chunks=config.grad_cache.num_chunks, axis=sharding.DATA_AXIS,
+        )
+    return jax.value_and_grad(make_loss_fn(config, model, mesh), has_aux=True)
 
 
 def make_train_step(config, model, optimizer, mesh):
     """The compiled step: (state, batch) -> (state, metrics). The input state is donated."""
     schedule = learning_rate_schedule(config)
-    loss_fn = make_loss_fn(config, model, mesh)
+    value_and_grad = make_value_and_grad(config, model, mesh)
 
     def train_step(state: TrainState, batch: dict):
         rng = jax.random.fold_in(state.rng, state.step)
-        (loss, outputs), grads = jax.value_and_grad(loss_fn, has_aux=True)(
-            state.params, batch, rng
-        )
+        (loss, outputs), grads = value_and_grad(state.params, batch, rng)
         updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         metrics = {

@@ -13,19 +13,6 @@ from bigalign import sharding, train
 from bigalign.models.towers import build_model
 
 
-def random_batch(config, rng):
-    """Random images and token rows (ids >= 3, an EOS=2 at a random length, then padding)."""
-    size, length, batch = config.data.image_size, config.text.max_len, config.batch_size
-    tokens = rng.integers(3, config.text.vocab_size, size=(batch, length))
-    lengths = rng.integers(1, length + 1, size=batch)
-    tokens[np.arange(batch), lengths - 1] = 2
-    tokens[np.arange(length)[None, :] >= lengths[:, None]] = 0
-    return {
-        "image": rng.normal(size=(batch, size, size, 3)).astype(np.float32),
-        "text": tokens.astype(np.int32),
-    }
-
-
 def setup(config, data_shards):
     config.mesh.data = data_shards
     mesh = sharding.make_mesh(config.mesh)
@@ -37,7 +24,7 @@ def setup(config, data_shards):
 @pytest.mark.parametrize("loss_name", ["sigmoid", "softmax"])
 def test_sharded_loss_and_gradients_match_single_device(tiny_config, loss_name):
     tiny_config.loss.name = loss_name
-    batch = random_batch(tiny_config, np.random.default_rng())
+    batch = train.random_batch(tiny_config, np.random.default_rng())
     results = []
     for shards in (8, 1):
         mesh, model, _, state = setup(tiny_config, shards)
@@ -54,10 +41,32 @@ def test_sharded_loss_and_gradients_match_single_device(tiny_config, loss_name):
         np.testing.assert_allclose(sharded, reference, rtol=1e-5, atol=slack)
 
 
+def test_alignment_and_uniformity_terms_are_added_with_their_weights(tiny_config):
+    batch = train.random_batch(tiny_config, np.random.default_rng())
+    mesh, model, _, state = setup(tiny_config, 8)
+    plain_loss, outputs = train.make_loss_fn(tiny_config, model, mesh)(
+        state.params, sharding.global_batch(batch, mesh), state.rng
+    )
+    tiny_config.loss.alignment_weight, tiny_config.loss.uniformity_weight = 1.5, 0.5
+    weighted_loss, _ = train.make_loss_fn(tiny_config, model, mesh)(
+        state.params, sharding.global_batch(batch, mesh), state.rng
+    )
+    image, text = (np.asarray(outputs["embeddings"][m], np.float64) for m in ("image", "text"))
+
+    def uniformity(x):  # log mean over i != j of exp(-2 ||x_i - x_j||^2)
+        distances = ((x[:, None] - x[None]) ** 2).sum(-1)
+        off_diagonal = ~np.eye(len(x), dtype=bool)
+        return np.log(np.mean(np.exp(-2 * distances[off_diagonal])))
+
+    alignment = np.mean(((image - text) ** 2).sum(-1))
+    expected = plain_loss + 1.5 * alignment + 0.5 * (uniformity(image) + uniformity(text)) / 2
+    np.testing.assert_allclose(weighted_loss, expected, rtol=1e-5)
+
+
 def test_train_step_on_mesh_decreases_loss_on_a_fixed_batch(tiny_config):
     mesh, model, optimizer, state = setup(tiny_config, 8)
     step = train.make_train_step(tiny_config, model, optimizer, mesh)
-    batch = sharding.global_batch(random_batch(tiny_config, np.random.default_rng()), mesh)
+    batch = sharding.global_batch(train.random_batch(tiny_config, np.random.default_rng()), mesh)
     assert "all-gather" in step.lower(state, batch).compile().as_text()  # negatives cross devices
     losses = []
     for _ in range(8):

@@ -1,0 +1,157 @@
+"""GradCache: chunked embedding and cached embedding gradients give the plain loss and gradients."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax import lax
+
+from bigalign import config as config_lib, grad_cache, sharding, train
+from bigalign.errors import UserError
+from bigalign.models.towers import build_model
+
+
+NUM_CHUNKS = 4
+_initial_states = {}  # data shards -> TrainState
+
+
+def setup(config, shards):
+    """test_train.setup, with the initial state built once per mesh size: it depends only on
+    the seed, the towers and the optimizer's structure, which all tests here share (dropout,
+    the loss and the learning rate do not change it), and compiling it takes seconds."""
+    config.mesh.data = shards
+    mesh = sharding.make_mesh(config.mesh)
+    model = build_model(
+        config.model, vocab_size=config.text.vocab_size, max_len=config.text.max_len
+    )
+    optimizer = train.make_optimizer(config)
+    if shards not in _initial_states:
+        _initial_states[shards] = train.create_train_state(config, model, optimizer, mesh)
+    return mesh, model, optimizer, jax.tree.map(jnp.copy, _initial_states[shards])
+
+
+def assert_trees_close(actual, expected, rtol=1e-4):
+    """Per-element rtol, plus absolute slack of 1e-5 of the largest entry (see test_train.py:
+    summation order differs, and some gradients are 0 in exact math but float32 noise here)."""
+    slack = 1e-5 * max(float(np.max(np.abs(x))) for x in jax.tree.leaves(expected))
+    assert jax.tree.structure(actual) == jax.tree.structure(expected)
+    for a, e in zip(jax.tree.leaves(actual), jax.tree.leaves(expected)):
+        np.testing.assert_allclose(a, e, rtol=rtol, atol=slack)
+
+
+@pytest.fixture
+def config(tiny_config):
+    tiny_config.batch_size = 32  # 4 rows per device on 8 devices: 4 chunks of 1 row each
+    return tiny_config
+
+
+def test_chunks_take_rows_from_every_device_and_invert():
+    mesh = sharding.make_mesh(config_lib.base_config().mesh)  # 8 devices, b = 4 rows each
+    rows = jax.device_put(jnp.arange(32), sharding.batch_sharding(mesh))
+    chunks = jax.jit(lambda x: grad_cache.to_chunks(x, 2, mesh))(rows)  # [2, 16]
+    # Chunk k holds rows [2k, 2k + 2) of every device's block of 4.
+    expected = np.arange(32).reshape(8, 2, 2).transpose(1, 0, 2).reshape(2, 16)
+    np.testing.assert_array_equal(chunks, expected)
+    for shard in chunks.addressable_shards:  # each device keeps its own rows
+        device_index = mesh.devices.tolist().index(shard.device)
+        own_rows = set(range(4 * device_index, 4 * device_index + 4))
+        assert set(np.asarray(shard.data).ravel()) <= own_rows
+    back = jax.jit(lambda x: grad_cache.from_chunks(x, mesh))(chunks)
+    np.testing.assert_array_equal(back, np.arange(32))
+
+
+@pytest.mark.parametrize(
+    "loss_name, shards", [("sigmoid", 8), ("softmax", 8), ("sigmoid", 1)]
+)
+def test_loss_and_gradients_match_plain_autodiff(config, loss_name, shards):
+    config.loss.name = loss_name
+    mesh, model, _, state = setup(config, shards)
+    batch = sharding.global_batch(train.random_batch(config, np.random.default_rng()), mesh)
+    config.grad_cache.num_chunks = NUM_CHUNKS
+    config_lib.validate(config)
+
+    loss_fn = train.make_loss_fn(config, model, mesh)
+    plain = jax.jit(jax.value_and_grad(loss_fn, has_aux=True))
+    cached = jax.jit(train.make_value_and_grad(config, model, mesh))
+    (loss, outputs), grads = plain(state.params, batch, state.rng)
+    (cached_loss, cached_outputs), cached_grads = cached(state.params, batch, state.rng)
+
+    np.testing.assert_allclose(cached_loss, loss, rtol=1e-4)
+    assert_trees_close(cached_outputs, outputs)  # embeddings come back in the batch's row order
+    assert_trees_close(cached_grads, grads)
+
+
+def test_dropout_is_replayed_exactly_in_the_recomputation(config):
+    """With dropout on, the result equals autodiff through the same chunked forward (same masks)."""
+    config.model.dropout_rate = 0.3
+    mesh, model, _, state = setup(config, 8)
+    batch = sharding.global_batch(train.random_batch(config, np.random.default_rng()), mesh)
+    output_loss = train.make_output_loss(config, mesh)
+
+    def chunked_loss(params, batch, rng):  # the reference: autodiff through the chunked forward
+        def embed(xs):
+            inputs, k = xs
+            rngs = {"dropout": jax.random.fold_in(rng, k)}
+            return model.apply({"params": params}, inputs, deterministic=False, rngs=rngs)
+        chunks = grad_cache.to_chunks(batch, NUM_CHUNKS, mesh)
+        chunk_outputs = lax.map(embed, (chunks, jnp.arange(NUM_CHUNKS)))
+        embeddings = grad_cache.from_chunks(chunk_outputs["embeddings"], mesh)
+        head = model.apply({"params": params}, {})
+        return output_loss(dict(head, embeddings=embeddings))
+
+    def reference(params, batch, rng):
+        without_dropout = output_loss(model.apply({"params": params}, batch))
+        return jax.value_and_grad(chunked_loss)(params, batch, rng), without_dropout
+
+    (loss, grads), loss_without_dropout = jax.jit(reference)(state.params, batch, state.rng)
+    cached = jax.jit(
+        grad_cache.value_and_grad(model, output_loss, mesh=mesh, num_chunks=NUM_CHUNKS)
+    )
+    (cached_loss, _), cached_grads = cached(state.params, batch, state.rng)
+    assert abs(float(loss_without_dropout) - float(loss)) > 1e-4  # dropout is active
+    np.testing.assert_allclose(cached_loss, loss, rtol=1e-4)
+    assert_trees_close(cached_grads, grads)
+
+
+def test_train_step_with_grad_cache_matches_the_plain_step(config):
+    config.optimizer.warmup_steps = 0  # a nonzero learning rate at step 0
+    mesh, model, optimizer, state = setup(config, 8)
+    batch = sharding.global_batch(train.random_batch(config, np.random.default_rng()), mesh)
+    results = []
+    for num_chunks in (1, NUM_CHUNKS):
+        config.grad_cache.num_chunks = num_chunks
+        step = train.make_train_step(config, model, optimizer, mesh)
+        results.append(step(jax.tree.map(jnp.copy, state), batch))  # the step donates its state
+    (plain_state, plain_metrics), (cached_state, cached_metrics) = results
+    assert cached_metrics.keys() == plain_metrics.keys()
+    np.testing.assert_allclose(cached_metrics["train/loss"], plain_metrics["train/loss"], rtol=1e-4)
+    np.testing.assert_allclose(
+        cached_metrics["train/grad_norm"], plain_metrics["train/grad_norm"], rtol=1e-4
+    )
+    assert int(cached_state.step) == 1
+    # Attention key biases have a gradient of exactly 0 in exact math (softmax ignores a shift
+    # common to all keys) but float32 noise in practice, and Adam's first step is about
+    # lr * sign(gradient): those move by up to lr either way in both steps.
+    learning_rate = float(plain_metrics["train/learning_rate"])
+    assert learning_rate > 0
+    slack = 1e-5 * max(float(np.max(np.abs(x))) for x in jax.tree.leaves(plain_state.params))
+    for (path, cached_param), plain_param in zip(
+        jax.tree_util.tree_leaves_with_path(cached_state.params),
+        jax.tree.leaves(plain_state.params),
+    ):
+        is_key_bias = "'key']['bias']" in jax.tree_util.keystr(path)
+        atol = 2 * learning_rate if is_key_bias else slack
+        np.testing.assert_allclose(cached_param, plain_param, rtol=1e-4, atol=atol)
+
+
+def test_validation_names_num_chunks_and_the_fix():
+    config = config_lib.base_config()  # batch 256 over 8 shards: 32 rows per device
+    config.grad_cache.num_chunks = 3
+    with pytest.raises(UserError, match=r"grad_cache.num_chunks=3 must be a positive divisor of "
+                                        r"the per-device batch 32 .*pick a divisor of 32"):
+        config_lib.validate(config)
+    config.grad_cache.num_chunks = 0
+    with pytest.raises(UserError, match="grad_cache.num_chunks=0"):
+        config_lib.validate(config)
+    config.grad_cache.num_chunks = 8
+    config_lib.validate(config)
