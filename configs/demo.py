@@ -1,4 +1,4 @@
-"""Demo: a tiny CLIP on the built-in shapes data; trains in about two minutes on a 2-core CPU.
+"""Demo: a tiny CLIP on the built-in shapes data; trains in about a minute on a 2-core CPU.
 
 python -m bigalign.train --config configs/demo.py --workdir /tmp/bigalign-demo
 
