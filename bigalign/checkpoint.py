@@ -86,6 +86,52 @@ class Checkpointer:
         self._manager.close()
 
 
+def _state_directory(source: str) -> str:
+    """The saved train state of a run: WORKDIR, WORKDIR/checkpoints or a step directory."""
+    for candidate in (os.path.join(source, "checkpoints"), source):
+        steps = [int(d) for d in os.listdir(candidate) if d.isdigit()] if os.path.isdir(candidate) else []
+        if steps:
+            return os.path.join(candidate, str(max(steps)), "state")
+    if os.path.isdir(os.path.join(source, "state")):
+        return os.path.join(source, "state")
+    raise UserError(
+        f"init_from={source!r} is not a bigalign run: expected WORKDIR, WORKDIR/checkpoints "
+        f"or WORKDIR/checkpoints/<step> holding a saved state"
+    )
+
+
+def load_tower(source: str, name: str, *, like):
+    """The parameters of tower `name` saved by another run, laid out like `like`.
+
+    `source` is that run's workdir (its latest checkpoint is used) or a step directory.
+    Only this tower's arrays are read. Raises UserError if the checkpoint has no such
+    tower or its arrays differ in shape (another size or variant).
+    """
+    state_dir = _state_directory(source)
+    reader = ocp.PyTreeCheckpointer()
+    saved = reader.metadata(state_dir).item_metadata.tree["params"]
+    fix = f"give model.{name}.init_from a run whose {name!r} tower has this config"
+    if name not in saved:
+        raise UserError(f"{state_dir} has no tower {name!r} (it has {sorted(saved)}); {fix}")
+    saved_shapes, wanted_shapes = _array_shapes(saved[name]), _array_shapes(like)
+    for array in sorted(set(saved_shapes) | set(wanted_shapes)):
+        if saved_shapes.get(array) != wanted_shapes.get(array):
+            raise UserError(
+                f"{state_dir} holds {name}/{array} with shape {saved_shapes.get(array)}, this "
+                f"model has {wanted_shapes.get(array)}; {fix}"
+            )
+    target = {"params": {name: jax.tree.map(ocp.utils.to_shape_dtype_struct, like)}}
+    restored = reader.restore(
+        state_dir,
+        args=ocp.args.PyTreeRestore(
+            item=target,
+            restore_args=ocp.checkpoint_utils.construct_restore_args(target),
+            partial_restore=True,
+        ),
+    )
+    return restored["params"][name]
+
+
 def _array_shapes(tree) -> dict[str, tuple]:
     """{"params/image/encoder/...": shape} for every array in a state or checkpoint metadata tree."""
 

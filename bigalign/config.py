@@ -13,7 +13,37 @@ import ml_collections
 from bigalign import losses, sharding
 from bigalign.data import pipeline
 from bigalign.errors import UserError
-from bigalign.models import text, towers, vit
+from bigalign.models import audio, text, towers, transformer, vit
+
+
+TOWER_KINDS = ("vit", "text", "audio")
+POOLINGS = {"vit": vit.POOLINGS, "text": text.POOLINGS, "audio": audio.POOLINGS}
+
+
+def tower_config(kind: str, **overrides) -> ml_collections.ConfigDict:
+    """Every key a tower of `kind` ("vit", "text" or "audio") understands, with small defaults.
+
+    Add a tower to a model with `config.model.<name> = tower_config(kind, ...)`; any
+    sub-dict of `config.model` with a `kind` key is a tower, named by its key.
+    """
+    tower = dict(
+        kind=kind,
+        variant="",  # a named size ("B/16", "So400m/14"; text: "B"): sets the sizes below
+        width=64,
+        depth=2,
+        num_heads=2,
+        mlp_dim=256,
+        frozen=False,  # LiT: no gradient and no optimizer state for this tower
+        init_from="",  # a bigalign workdir (or checkpoint step dir) to load this tower from
+    )
+    if kind in ("vit", "audio"):
+        tower.update(patch_size=4, pool="gap")  # square patches of the image / spectrogram
+    if kind == "text":
+        tower.update(causal=True, pool="last")
+    for key in overrides:
+        if key not in tower:
+            raise UserError(f"tower_config: {kind} towers have no key {key!r}; valid: {sorted(tower)}")
+    return ml_collections.ConfigDict({**tower, **overrides})
 
 
 def base_config() -> ml_collections.ConfigDict:
@@ -33,11 +63,12 @@ def base_config() -> ml_collections.ConfigDict:
             end_learning_rate_fraction=0.0,  # cosine decays to this fraction of the peak
             b1=0.9,
             b2=0.95,
-            weight_decay=1e-4,  # applied to matrices only (kernels, embeddings)
+            weight_decay=1e-4,  # applied to kernels and the token table only
             grad_clip_norm=1.0,
         )
     )
-    c.mesh = ml_collections.ConfigDict(dict(data=-1))  # -1: all devices
+    # The batch is split over data x fsdp devices; parameters over fsdp. -1: all the rest.
+    c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1))
     c.data = pipeline.default_config()
     c.text = ml_collections.ConfigDict(
         dict(
@@ -52,19 +83,20 @@ def base_config() -> ml_collections.ConfigDict:
             dropout_rate=0.0,
             init_logit_scale=math.log(10.0),  # log of the initial scale (SigLIP: log 10)
             init_logit_bias=-10.0,  # SigLIP: -10; softmax losses ignore the bias
-            image=dict(
-                kind="vit", patch_size=4, width=64, depth=2, num_heads=2, mlp_dim=256, pool="gap"
-            ),
-            text=dict(
-                kind="text", width=64, depth=2, num_heads=2, mlp_dim=256, causal=True, pool="last"
-            ),
+            compute_dtype="float32",  # "bfloat16": bf16 matmuls, float32 master weights
+            remat="none",  # recompute activations in the backward pass: none, full, dots, ...
+            scan_layers=False,  # lax.scan over blocks: faster compiles, stacked params
+            image=tower_config("vit"),
+            text=tower_config("text"),
         )
     )
     c.loss = ml_collections.ConfigDict(
         dict(
             name="sigmoid",
-            alignment_weight=0.0,  # weight of mean ||image_i - text_i||^2
-            uniformity_weight=0.0,  # weight of the mean of the two modalities' uniformity
+            # Towers whose embeddings are contrasted; the loss is the sum over these pairs.
+            pairs=(("image", "text"),),
+            alignment_weight=0.0,  # weight of mean ||x_i - y_i||^2, per pair
+            uniformity_weight=0.0,  # weight of the mean of a pair's two uniformities
         )
     )
     # GradCache: embed the batch in num_chunks pieces and recompute each one's forward in the
@@ -74,16 +106,26 @@ def base_config() -> ml_collections.ConfigDict:
     return c
 
 
+def _is_tower(value) -> bool:
+    return isinstance(value, ml_collections.ConfigDict) and "kind" in value
+
+
 def _unknown_keys(config, schema, prefix=""):
-    """Yields (dotted key, close valid names) for keys of `config` absent from `schema`."""
+    """Yields (dotted key, close valid names) for keys of `config` absent from `schema`.
+
+    A tower (a sub-dict of `model` with a `kind`) is checked against its kind's schema.
+    """
     for key in config.keys():
-        dotted = f"{prefix}{key}"
-        if key not in schema:
+        dotted, value = f"{prefix}{key}", config[key]
+        if prefix == "model." and _is_tower(value):
+            if value.kind in TOWER_KINDS:
+                yield from _unknown_keys(value, tower_config(value.kind), prefix=f"{dotted}.")
+        elif key not in schema:
             yield dotted, difflib.get_close_matches(key, list(schema.keys()), n=1)
         elif isinstance(schema[key], ml_collections.ConfigDict) and isinstance(
-            config[key], ml_collections.ConfigDict
+            value, ml_collections.ConfigDict
         ):
-            yield from _unknown_keys(config[key], schema[key], prefix=f"{dotted}.")
+            yield from _unknown_keys(value, schema[key], prefix=f"{dotted}.")
 
 
 def validate(config: ml_collections.ConfigDict) -> None:
@@ -119,24 +161,75 @@ def validate(config: ml_collections.ConfigDict) -> None:
         config.loss.name in losses.NAMES,
         f"unknown loss.name {config.loss.name!r}; valid: {', '.join(losses.NAMES)}",
     )
-    for modality, poolings in (("image", vit.POOLINGS), ("text", text.POOLINGS)):
-        tower = config.model[modality]
-        require(
-            tower.kind in towers.ENCODERS,
-            f"model.{modality}.kind={tower.kind!r} is unknown; valid: {', '.join(towers.ENCODERS)}",
-        )
-        require(
-            tower.width % tower.num_heads == 0,
-            f"model.{modality}.width={tower.width} is not divisible by "
-            f"num_heads={tower.num_heads}; pick a width that is a multiple of num_heads",
-        )
-        require(
-            tower.pool in poolings,
-            f"model.{modality}.pool={tower.pool!r} is unknown; valid: {', '.join(poolings)}",
-        )
-    patch = config.model.image.patch_size
+    _validate_model(config, require, fsdp=sharding.mesh_shape(config.mesh)[1])
+    _validate_pairs(config, require)
+
+
+def _validate_model(config, require, *, fsdp: int) -> None:
+    model = config.model
     require(
-        config.data.image_size % patch == 0,
-        f"data.image_size={config.data.image_size} is not divisible by "
-        f"model.image.patch_size={patch}",
+        model.compute_dtype in towers.COMPUTE_DTYPES,
+        f"model.compute_dtype={model.compute_dtype!r} is unknown; "
+        f"valid: {', '.join(towers.COMPUTE_DTYPES)}",
+    )
+    require(
+        model.remat in transformer.REMAT_POLICIES,
+        f"model.remat={model.remat!r} is unknown; valid: {', '.join(transformer.REMAT_POLICIES)}",
+    )
+    names = towers.tower_names(config.model)
+    require(len(names) >= 2, f"model has towers {names}; a contrastive model needs at least two")
+    shapes = pipeline.input_shapes(config.data, max_len=config.text.max_len)
+    for name in names:
+        kind = model[name].kind
+        require(
+            kind in TOWER_KINDS, f"model.{name}.kind={kind!r} is unknown; valid: {', '.join(TOWER_KINDS)}"
+        )
+        require(
+            name in shapes,
+            f"model.{name} is a tower, but the data has no {name!r} inputs; name each tower "
+            f"after the modality it reads: {', '.join(shapes)}",
+        )
+    try:
+        resolved = towers.resolve_towers(model, vocab_size=config.text.vocab_size, max_len=config.text.max_len)
+    except ValueError as error:  # an unknown variant name
+        raise UserError(str(error)) from None
+    for name, tower in resolved.items():
+        key = f"model.{name}"
+        require(
+            tower["width"] % tower["num_heads"] == 0,
+            f"{key}.width={tower['width']} is not divisible by num_heads={tower['num_heads']}; "
+            f"pick a width that is a multiple of num_heads",
+        )
+        require(
+            tower["width"] % fsdp == 0,
+            f"{key}.width={tower['width']} is not divisible by mesh.fsdp={fsdp}, over which "
+            f"parameters are split; pick an fsdp size that divides it",
+        )
+        poolings = POOLINGS[tower["kind"]]
+        require(
+            tower["pool"] in poolings, f"{key}.pool={tower['pool']!r} is unknown; valid: {', '.join(poolings)}"
+        )
+        if "patch_size" in tower:
+            patch, input_size = tower["patch_size"], shapes[name][:2]
+            require(
+                all(size % patch == 0 for size in input_size),
+                f"{key}.patch_size={patch} does not divide the {name} input size {input_size} "
+                f"set in config.data; pick a patch size that divides both sides",
+            )
+
+
+def _validate_pairs(config, require) -> None:
+    names = towers.tower_names(config.model)
+    pairs = config.loss.pairs
+    require(len(pairs) >= 1, "loss.pairs is empty; name at least one pair of towers to contrast")
+    for pair in pairs:
+        require(
+            len(pair) == 2 and pair[0] != pair[1] and all(m in names for m in pair),
+            f"loss.pairs has {tuple(pair)!r}; each pair must name two different towers of {names}",
+        )
+    unused = [m for m in names if not any(m in pair for pair in pairs)]
+    require(
+        not unused,
+        f"tower(s) {unused} appear in no loss.pairs entry and would never train; add a pair "
+        f"or remove the tower",
     )

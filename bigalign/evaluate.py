@@ -1,13 +1,14 @@
 """Evaluation of a trained contrastive model: zero-shot classification, retrieval, modality gap.
 
 All metrics are computed from L2-normalised embeddings of a held-out split:
-- zero-shot top-1: each class is the normalised mean of its prompt embeddings
-  (prompt ensembling, Radford et al. 2021); an image is assigned the class with
-  the highest cosine similarity.
-- recall@K: image->text and text->image. A retrieved item counts as a hit when
-  its caption is identical to the query's paired caption (datasets repeat
-  captions; COCO-style evaluation counts each of an image's captions likewise).
-- modality gap: distance between the image and text embedding centroids
+- zero-shot top-1 (every non-text modality): each class is the normalised mean of
+  its prompt embeddings (prompt ensembling, Radford et al. 2021); an image (or
+  audio clip) is assigned the class with the highest cosine similarity.
+- recall@K: both directions of every contrasted pair (image->text, text->image,
+  ...). A retrieved item counts as a hit when its example's caption is identical
+  to the query's (datasets repeat captions; COCO-style evaluation counts each of
+  an image's captions likewise).
+- modality gap: distance between the two embedding centroids of a pair
   (Liang et al., 2022).
 """
 
@@ -58,23 +59,42 @@ def modality_gap(image_embeddings, text_embeddings) -> float:
     return float(np.linalg.norm(image_embeddings.mean(0) - text_embeddings.mean(0)))
 
 
-def evaluate(model, params, eval_data: dict, *, batch_size: int, recall_at=(1, 5)) -> dict:
-    """All metrics on `eval_data` (keys: images, texts, labels, class_texts), as {"eval/...": float}."""
-    embed_image = _tower(model, params, "image")
-    embed_text = _tower(model, params, "text")
-    images = embed(embed_image, eval_data["images"], batch_size)
-    texts = embed(embed_text, eval_data["texts"], batch_size)
-    num_classes, num_prompts, max_len = eval_data["class_texts"].shape
-    prompts = embed(embed_text, eval_data["class_texts"].reshape(-1, max_len), batch_size)
-    classes = _normalise(prompts.reshape(num_classes, num_prompts, -1).mean(axis=1))
+def evaluate(model, params, eval_data: dict, *, pairs, batch_size: int, recall_at=(1, 5)) -> dict:
+    """All metrics on `eval_data`, as {"eval/...": float}.
 
-    # Captions with identical tokens form one group; image i's group is its caption's.
-    _, caption_group = np.unique(eval_data["texts"], axis=0, return_inverse=True)
-    caption_group = caption_group.reshape(-1)
-    similarity = images @ texts.T  # [N, N]
-    results = {"eval/zeroshot_top1": zeroshot_top1(images, classes, eval_data["labels"])}
-    for k in recall_at:
-        results[f"eval/i2t_recall@{k}"] = recall_at_k(similarity, caption_group, caption_group, k)
-        results[f"eval/t2i_recall@{k}"] = recall_at_k(similarity.T, caption_group, caption_group, k)
-    results["eval/modality_gap"] = modality_gap(images, texts)
+    eval_data: {"inputs": {modality: [N, ...]}, "labels": [N], "class_texts": [C, P, L]}.
+    For every modality m other than text, when there is a text tower:
+    `eval/{m}_zeroshot_top1`. For every pair (a, b) of `pairs`: `eval/{a}2{b}_recall@K`,
+    `eval/{b}2{a}_recall@K` and `eval/{a}_{b}_gap`.
+    """
+    inputs = eval_data["inputs"]
+    embeddings = {
+        modality: embed(_tower(model, params, modality), values, batch_size)
+        for modality, values in inputs.items()
+    }
+    results = {}
+    if "text" in inputs:
+        num_classes, num_prompts, max_len = eval_data["class_texts"].shape
+        prompts = embed(_tower(model, params, "text"),
+                        eval_data["class_texts"].reshape(-1, max_len), batch_size)
+        classes = _normalise(prompts.reshape(num_classes, num_prompts, -1).mean(axis=1))
+        for modality in inputs:
+            if modality != "text":
+                results[f"eval/{modality}_zeroshot_top1"] = zeroshot_top1(
+                    embeddings[modality], classes, eval_data["labels"]
+                )
+        # Examples whose captions have identical tokens form one group: retrieving any
+        # of them is correct.
+        _, groups = np.unique(inputs["text"], axis=0, return_inverse=True)
+        groups = groups.reshape(-1)
+    else:
+        groups = np.arange(len(eval_data["labels"]))
+    for first, second in pairs:
+        similarity = embeddings[first] @ embeddings[second].T  # [N, N]
+        for k in recall_at:
+            results[f"eval/{first}2{second}_recall@{k}"] = recall_at_k(similarity, groups, groups, k)
+            results[f"eval/{second}2{first}_recall@{k}"] = recall_at_k(
+                similarity.T, groups, groups, k
+            )
+        results[f"eval/{first}_{second}_gap"] = modality_gap(embeddings[first], embeddings[second])
     return results

@@ -18,9 +18,9 @@ The result is the same (loss, gradients) as differentiating the whole batch at o
 for one extra forward pass, with tower activation memory divided by ``num_chunks``.
 
 Sharding: the batch is a global array whose rows are split contiguously over the
-mesh axis ``data`` (D devices, b = B / D rows each). A chunk is not a contiguous
-slice of the global batch (that would live on D / n of the devices and leave the
-rest idle): chunk k takes rows [k c, (k + 1) c) of every device's block, c = b / n,
+mesh axes ``axis`` (the trainer's data x fsdp; D devices, b = B / D rows each). A
+chunk is not a contiguous slice of the global batch (that would live on D / n of the
+devices and leave the rest idle): chunk k takes rows [k c, (k + 1) c) of every device's block, c = b / n,
 so every device works on every chunk and rows never leave their device. The layout
 is set with sharding constraints, for the Auto mesh axes that ``sharding.make_mesh``
 builds. Cost: each chunk's parameter gradients are summed over devices inside the
@@ -32,6 +32,7 @@ forward (Flax draws a mask per call, not per example), which is an equally valid
 sample; with dropout off the result matches the plain step up to float rounding.
 """
 
+import math
 from collections.abc import Callable
 from typing import Any
 
@@ -41,9 +42,15 @@ from jax import lax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 
-def to_chunks(tree, num_chunks: int, mesh: Mesh, axis: str = "data"):
+def _num_devices(mesh: Mesh, axis) -> int:
+    """Devices the batch is split over: the size of one mesh axis or of a tuple of them."""
+    names = (axis,) if isinstance(axis, str) else axis
+    return math.prod(mesh.shape[name] for name in names)
+
+
+def to_chunks(tree, num_chunks: int, mesh: Mesh, axis="data"):
     """[B, ...] leaves -> [n, B / n, ...]; chunk k: rows [k c, (k + 1) c) of each device's block."""
-    devices = mesh.shape[axis]
+    devices = _num_devices(mesh, axis)
 
     def split(x):
         rows = x.shape[0] // (devices * num_chunks)  # c = b / n
@@ -55,9 +62,9 @@ def to_chunks(tree, num_chunks: int, mesh: Mesh, axis: str = "data"):
     return jax.tree.map(split, tree)
 
 
-def from_chunks(tree, mesh: Mesh, axis: str = "data"):
+def from_chunks(tree, mesh: Mesh, axis="data"):
     """The inverse of ``to_chunks``: [n, B / n, ...] leaves -> [B, ...] in the batch's row order."""
-    devices = mesh.shape[axis]
+    devices = _num_devices(mesh, axis)
 
     def merge(x):
         num_chunks, chunk = x.shape[:2]  # n, D c
@@ -70,35 +77,36 @@ def from_chunks(tree, mesh: Mesh, axis: str = "data"):
 
 
 def value_and_grad(
-    model,
-    loss_of_outputs: Callable[[dict], jax.Array],
+    apply: Callable[..., dict],
+    loss_of_outputs: Callable[[dict], tuple[jax.Array, Any]],
     *,
     mesh: Mesh,
     num_chunks: int,
-    axis: str = "data",
-) -> Callable[[Any, dict, jax.Array], tuple[tuple[jax.Array, dict], Any]]:
+    axis="data",
+) -> Callable[[Any, dict, jax.Array], tuple[tuple[jax.Array, Any], Any]]:
     """GradCache version of ``jax.value_and_grad(loss_fn, has_aux=True)``.
 
-    ``model`` is a ``ContrastiveModel`` (it embeds only the modalities it is given, so
-    ``model.apply(variables, {})`` yields just the logit scale and bias), and
-    ``loss_of_outputs`` maps the model's outputs {"embeddings": {modality: [B, E]},
-    "logit_scale", "logit_bias"} for the global batch to the scalar loss.
-    Returns ``fn(params, batch, rng) -> ((loss, outputs), grads)``.
+    ``apply(params, inputs, *, deterministic, rngs)`` runs a ``ContrastiveModel``
+    (which embeds only the modalities it is given, so ``apply(params, {}, ...)``
+    yields just the logit scale and bias). ``loss_of_outputs`` maps the model's
+    outputs {"embeddings": {modality: [B, E]}, "logit_scale", "logit_bias"} for the
+    global batch to (scalar loss, aux). ``axis`` is the mesh axis, or tuple of axes,
+    that the batch is split over.
+    Returns ``fn(params, batch, rng) -> ((loss, aux), grads)``.
     """
 
     def embed(params, inputs, chunk_index, rng):  # {modality: [B/n, ...]} -> {modality: [B/n, E]}
-        outputs = model.apply(
-            {"params": params},
+        outputs = apply(
+            params,
             inputs,
             deterministic=False,
             rngs={"dropout": jax.random.fold_in(rng, chunk_index)},  # the same in passes 1 and 3
         )
         return outputs["embeddings"]
 
-    def loss_of_embeddings(params, embeddings):  # {modality: [B, E]} -> (scalar, outputs)
-        head = model.apply({"params": params}, {})  # logit scale and bias only, no towers
-        outputs = dict(head, embeddings=embeddings)
-        return loss_of_outputs(outputs), outputs
+    def loss_of_embeddings(params, embeddings):  # {modality: [B, E]} -> (scalar, aux)
+        head = apply(params, {}, deterministic=True, rngs={})  # logit scale and bias only
+        return loss_of_outputs(dict(head, embeddings=embeddings))
 
     def step(params, batch, rng):
         chunks = to_chunks(batch, num_chunks, mesh, axis)  # {modality: [n, B/n, ...]}
@@ -115,7 +123,7 @@ def value_and_grad(
 
         # 2. The loss on the global batch; gradients w.r.t. embeddings and the head params
         # (logit scale and bias; the towers' entries of head_grads are zero).
-        (loss, outputs), (head_grads, embedding_grads) = jax.value_and_grad(
+        (loss, aux), (head_grads, embedding_grads) = jax.value_and_grad(
             loss_of_embeddings, argnums=(0, 1), has_aux=True
         )(params, embeddings)
         embedding_grads = to_chunks(embedding_grads, num_chunks, mesh, axis)  # {m: [n, B/n, E]}
@@ -128,6 +136,6 @@ def value_and_grad(
             return jax.tree.map(jnp.add, grads, chunk_grads), None
 
         grads, _ = lax.scan(accumulate, head_grads, (chunks, indices, embedding_grads))
-        return (loss, outputs), grads
+        return (loss, aux), grads
 
     return step

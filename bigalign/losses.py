@@ -6,8 +6,8 @@ of ``x`` pairs with row i of ``y``, and score every pair with the logits
     s_ij = scale * <x_i, y_j> + bias            (bias defaults to 0)
 
 so the positives sit on the diagonal of a [B, B] matrix. The batch is sharded over
-one mesh axis (``axis``, n devices, local block b = B / n rows each); other mesh
-axes only replicate the work. With ``mesh=None`` the same math runs on one device.
+``axis``: one mesh axis or a tuple of them, e.g. ("data", "fsdp") (n devices in all,
+local block b = B / n rows each); other mesh axes only replicate the work. With ``mesh=None`` the same math runs on one device.
 
 Variants (``NAMES``), with what each device must hold at once:
 
@@ -61,13 +61,18 @@ def _check_pair(x, y) -> None:
         raise ValueError(f"x and y must have the same shape; got x {x.shape} and y {y.shape}")
 
 
-def _check_mesh(batch: int, mesh, axis: str) -> int:
+def _axis_names(axis) -> tuple[str, ...]:
+    return (axis,) if isinstance(axis, str) else tuple(axis)
+
+
+def _check_mesh(batch: int, mesh, axis) -> int:
     """Returns the number of devices along ``axis`` (1 without a mesh)."""
     if mesh is None:
         return 1
-    if axis not in mesh.shape:
-        raise ValueError(f"axis {axis!r} is not a mesh axis; mesh axes are {tuple(mesh.shape)}")
-    size = mesh.shape[axis]
+    for name in _axis_names(axis):
+        if name not in mesh.shape:
+            raise ValueError(f"axis {name!r} is not a mesh axis; mesh axes are {tuple(mesh.shape)}")
+    size = math.prod(mesh.shape[name] for name in _axis_names(axis))
     if batch % size:
         raise ValueError(
             f"batch size {batch} is not divisible by mesh axis {axis!r} of size {size}; "
@@ -127,7 +132,8 @@ def _on_mesh(body, mesh, axis, in_specs, out_specs):
 def _place(args, mesh, axis, specs):
     """Lays inputs out as ``shard_map`` expects: a no-op for arrays already sharded
     that way; for others a reshard (Explicit mesh axes) or a sharding constraint."""
-    explicit = dict(zip(mesh.axis_names, mesh.axis_types))[axis] == AxisType.Explicit
+    axis_types = dict(zip(mesh.axis_names, mesh.axis_types))
+    explicit = any(axis_types[name] == AxisType.Explicit for name in _axis_names(axis))
     move = jax.reshard if explicit else lax.with_sharding_constraint
     return jax.tree.map(lambda a, spec: move(a, NamedSharding(mesh, spec)), args, specs)
 
@@ -358,7 +364,7 @@ def compute(name, x, y, *, scale, bias=None, mesh=None, axis="data", tile_size=N
 
     ``scale`` is the positive logit multiplier (already exponentiated), ``bias`` the
     additive logit bias (None means 0). With a ``mesh`` the batch is sharded along
-    ``axis``; B must be divisible by that axis size. Inputs are upcast to float32.
+    ``axis`` (a mesh axis name or a tuple of names); B must be divisible by its size. Inputs are upcast to float32.
     ``tile_size`` (ring variants only) sets the logits tile width, which must divide
     the per-device batch. Returns a float32 scalar, differentiable in x, y, scale, bias.
     On a mesh with Explicit axes take gradients under ``jax.jit`` (as a train step

@@ -14,11 +14,19 @@ def _as_number(value):
 
 
 class MetricLogger:
-    """Writes `{"step": s, "train/loss": ..., ...}` lines and prints progress with steps/s and ETA."""
+    """Writes `{"step": s, "train/loss": ..., ...}` lines and prints progress with speed and ETA.
 
-    def __init__(self, workdir: str, *, total_steps: int, start_step: int = 0):
+    Speed is steps/s and, given the model FLOPs of a step, achieved TFLOP/s per device
+    and, where the device's peak is known, model FLOPs utilisation (MFU).
+    """
+
+    def __init__(self, workdir: str, *, total_steps: int, start_step: int = 0,
+                 flops_per_step: float = 0.0, num_devices: int = 1,
+                 peak_flops_per_device: float | None = None):
         self.path = os.path.join(workdir, "metrics.jsonl")
         self.total_steps = total_steps
+        self.flops_per_device_step = flops_per_step / num_devices
+        self.peak_flops_per_device = peak_flops_per_device
         self._last_time = time.perf_counter()
         self._last_step = start_step
 
@@ -29,15 +37,23 @@ class MetricLogger:
         return record
 
     def log_train(self, step: int, metrics: dict) -> None:
-        """Appends the metrics and prints `step  loss  scale  steps/s  ETA`."""
+        """Appends the metrics and prints `step  loss  scale  steps/s  TFLOP/s  [MFU]  ETA`."""
         now = time.perf_counter()
         steps_per_second = (step - self._last_step) / max(now - self._last_time, 1e-9)
         self._last_time, self._last_step = now, step
-        record = self.write(step, {**metrics, "train/steps_per_second": steps_per_second})
+        flops_per_second = self.flops_per_device_step * steps_per_second
+        speed = {"train/steps_per_second": steps_per_second,
+                 "train/tflops_per_second_per_device": flops_per_second / 1e12}
+        mfu = ""
+        if self.peak_flops_per_device:
+            speed["train/mfu"] = flops_per_second / self.peak_flops_per_device
+            mfu = f"  MFU {100 * speed['train/mfu']:.1f}%"
+        record = self.write(step, {**metrics, **speed})
         eta = datetime.timedelta(seconds=round((self.total_steps - step) / steps_per_second))
         print(
             f"step {step:>6}/{self.total_steps}  loss {record['train/loss']:.4f}  "
-            f"scale {record['train/logit_scale']:.2f}  {steps_per_second:.2f} steps/s  ETA {eta}",
+            f"scale {record['train/logit_scale']:.2f}  {steps_per_second:.2f} steps/s  "
+            f"{flops_per_second / 1e12:.3g} TFLOP/s/device{mfu}  ETA {eta}",
             flush=True,
         )
 

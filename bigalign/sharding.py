@@ -1,11 +1,23 @@
 """The device mesh and how arrays are laid out on it.
 
-The only module that knows device layout. The mesh has one axis, `data`, over
-which the batch is split; parameters and optimizer state are replicated.
-Each process feeds its own slice of the global batch, assembled here into one
-global `jax.Array`.
+The only module that knows device layout. The mesh has two axes:
+
+- `data`: pure data parallelism; parameters are replicated along it.
+- `fsdp`: fully sharded data parallelism (ZeRO-3); the batch is split along it
+  too, and every parameter and its optimizer state is split along its model-width
+  dimension, all-gathered just in time for each layer by XLA.
+
+So the batch is split over data x fsdp devices, and parameters over fsdp. Models
+name the dimensions of their parameters and activations with logical axis names
+(`"embed"`, `"mlp"`, `"batch"`, ...); `LOGICAL_AXIS_RULES` maps those names to
+mesh axes. Each process feeds its own slice of the global batch, assembled here
+into one global `jax.Array`.
 """
 
+import contextlib
+import math
+
+import flax.linen as nn
 import jax
 import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
@@ -13,26 +25,52 @@ from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 from bigalign.errors import UserError
 
 DATA_AXIS = "data"
+FSDP_AXIS = "fsdp"
+BATCH_AXES = (DATA_AXIS, FSDP_AXIS)  # the batch dimension is split over both
+
+# Logical axis name -> mesh axis. Names without a rule ("mlp", "heads", "vocab", "layers",
+# ...) are replicated. Sharding only the width keeps every kernel split evenly: a tower's
+# width must be divisible by the fsdp size (config validation checks it).
+LOGICAL_AXIS_RULES = (
+    ("batch", BATCH_AXES),
+    ("embed", FSDP_AXIS),
+)
+
+
+def mesh_shape(mesh_config) -> tuple[int, int]:
+    """(data, fsdp) sizes; `data=-1` takes every device not used by fsdp."""
+    num_devices = jax.device_count()
+    fsdp = mesh_config.fsdp
+    fix = (
+        f"choose mesh.data x mesh.fsdp dividing the {num_devices} devices "
+        f"(mesh.data=-1 takes all devices left after fsdp)"
+    )
+    if fsdp < 1 or num_devices % fsdp:
+        raise UserError(f"mesh.fsdp={fsdp} does not divide the {num_devices} devices; {fix}")
+    data = num_devices // fsdp if mesh_config.data == -1 else mesh_config.data
+    if data < 1 or num_devices % (data * fsdp):
+        raise UserError(
+            f"mesh.data={mesh_config.data} x mesh.fsdp={fsdp} does not fit the "
+            f"{num_devices} devices; {fix}"
+        )
+    return data, fsdp
 
 
 def num_data_shards(mesh_config) -> int:
-    """The size of the data axis: `mesh_config.data` devices (-1: all of them)."""
-    num_devices = jax.device_count()
-    data = num_devices if mesh_config.data == -1 else mesh_config.data
-    if data < 1 or data > num_devices or num_devices % data:
-        raise UserError(
-            f"mesh.data={mesh_config.data} does not fit the {num_devices} available devices; "
-            f"set --config.mesh.data=-1 (all devices) or a divisor of {num_devices}"
-        )
-    return data
+    """Into how many pieces the batch is split: data x fsdp."""
+    return math.prod(mesh_shape(mesh_config))
 
 
 def make_mesh(mesh_config) -> Mesh:
-    """A 1-D mesh over the first `num_data_shards(mesh_config)` devices."""
-    data = num_data_shards(mesh_config)
-    # Auto axes: XLA propagates shardings from the ones we set on inputs and outputs.
+    """A (data, fsdp) mesh over the first data x fsdp devices."""
+    shape = mesh_shape(mesh_config)
+    # Auto axes: XLA propagates shardings from the ones we set on inputs, outputs and
+    # the models' logical constraints.
     return jax.make_mesh(
-        (data,), (DATA_AXIS,), axis_types=(AxisType.Auto,), devices=jax.devices()[:data]
+        shape,
+        BATCH_AXES,
+        axis_types=(AxisType.Auto,) * 2,
+        devices=jax.devices()[: math.prod(shape)],
     )
 
 
@@ -41,12 +79,39 @@ def replicated(mesh: Mesh) -> NamedSharding:
 
 
 def batch_sharding(mesh: Mesh) -> NamedSharding:
-    """Leading (batch) dimension split over the data axis."""
-    return NamedSharding(mesh, P(DATA_AXIS))
+    """Leading (batch) dimension split over data x fsdp."""
+    return NamedSharding(mesh, P(BATCH_AXES))
+
+
+def logical_shardings(boxed_tree, mesh: Mesh):
+    """Shardings for a tree whose leaves may carry flax logical axis names.
+
+    Annotated leaves (parameters, and optimizer state that mirrors them) follow
+    `LOGICAL_AXIS_RULES`; plain leaves (step counters, RNG keys) are replicated.
+    """
+    specs = nn.get_partition_spec(boxed_tree)
+    return nn.logical_to_mesh_sharding(specs, mesh, LOGICAL_AXIS_RULES)
+
+
+def shardings_of(tree):
+    """The sharding of every array in `tree` (e.g. a train state, to keep its layout)."""
+    return jax.tree.map(lambda x: x.sharding, tree)
+
+
+@contextlib.contextmanager
+def logical_rules(mesh: Mesh):
+    """Resolves model code's logical names against `mesh`; enter it inside the traced step.
+
+    Activations are constrained (batch over data x fsdp) and annotated parameters are kept
+    fsdp-sharded where a layer reads them, so XLA all-gathers each weight just in time.
+    """
+    with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
+        with nn.logical_axis_rules(LOGICAL_AXIS_RULES):
+            yield
 
 
 def global_batch(local_batch: dict, mesh: Mesh) -> dict:
-    """This process's numpy batch -> global jax.Arrays sharded over the data axis."""
+    """This process's numpy batch -> global jax.Arrays split over data x fsdp."""
     sharding = batch_sharding(mesh)
     return {
         key: jax.make_array_from_process_local_data(sharding, np.asarray(value))

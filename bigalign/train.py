@@ -9,23 +9,24 @@ Python (e.g. Colab):
 Reusing a workdir resumes from its latest checkpoint, data position included.
 """
 
+import itertools
 import os
 import sys
 from typing import Any
 
 import flax
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 
 from bigalign import config as config_lib
-from bigalign import evaluate, grad_cache, losses, sharding
-from bigalign.checkpoint import Checkpointer
+from bigalign import checkpoint, evaluate, flops, grad_cache, losses, sharding
 from bigalign.data import pipeline, tokenizer as tokenizer_lib
 from bigalign.errors import UserError
 from bigalign.metrics import MetricLogger, format_table
-from bigalign.models.towers import build_model
+from bigalign.models import towers
 
 
 @flax.struct.dataclass
@@ -43,15 +44,28 @@ def learning_rate_schedule(config) -> optax.Schedule:
         init_value=0.0,
         peak_value=opt.learning_rate,
         warmup_steps=opt.warmup_steps,
-        decay_steps=config.total_steps,
+        decay_steps=max(config.total_steps, opt.warmup_steps + 1),  # optax needs a decay phase
         end_value=opt.learning_rate * opt.end_learning_rate_fraction,
     )
 
 
+DECAYED_PARAMS = ("kernel", "embedding")  # weight matrices and the token table
+
+
+def weight_decay_mask(params):
+    """True for the parameters AdamW decays: by name, so stacked (scanned) biases and
+    LayerNorm scales, which are 2-D, are left alone like their unstacked versions."""
+
+    def decays(path, _):
+        names = [key.key for key in path if isinstance(key, jax.tree_util.DictKey)]
+        return names[-1] in DECAYED_PARAMS
+
+    return jax.tree_util.tree_map_with_path(decays, params)
+
+
 def make_optimizer(config) -> optax.GradientTransformation:
-    """AdamW with global-norm clipping; weight decay only on matrices (not biases, norms, scale)."""
+    """AdamW with global-norm clipping; weight decay on `DECAYED_PARAMS` only."""
     opt = config.optimizer
-    decay_mask = lambda params: jax.tree.map(lambda p: p.ndim >= 2, params)  # noqa: E731
     return optax.chain(
         optax.clip_by_global_norm(opt.grad_clip_norm),
         optax.adamw(
@@ -59,122 +73,189 @@ def make_optimizer(config) -> optax.GradientTransformation:
             b1=opt.b1,
             b2=opt.b2,
             weight_decay=opt.weight_decay,
-            mask=decay_mask,
+            mask=weight_decay_mask,
         ),
     )
 
 
 def example_batch(config) -> dict:
-    """A one-example batch with the shapes the model sees, for initialisation."""
-    size = config.data.image_size
+    """A one-example batch with the shapes every tower sees, for initialisation."""
+    shapes = pipeline.input_shapes(config.data, max_len=config.text.max_len)
     return {
-        "image": jnp.zeros((1, size, size, 3), jnp.float32),
-        "text": jnp.ones((1, config.text.max_len), jnp.int32),
+        name: jnp.ones((1, *shapes[name]), jnp.int32 if name == "text" else jnp.float32)
+        for name in towers.tower_names(config.model)
     }
 
 
 def random_batch(config, rng: np.random.Generator) -> dict:
     """A global batch of random inputs with the config's shapes, for benchmarks and tests.
 
-    Gaussian images; token rows of ids >= 3 ending in EOS (2) at a random length, then padding.
+    Gaussian images and spectrograms; token rows of ids >= 3 ending in EOS (2) at a
+    random length, then padding.
     """
-    size, length, batch = config.data.image_size, config.text.max_len, config.batch_size
-    tokens = rng.integers(3, config.text.vocab_size, size=(batch, length))
-    lengths = rng.integers(1, length + 1, size=batch)
-    tokens[np.arange(batch), lengths - 1] = 2
-    tokens[np.arange(length)[None, :] >= lengths[:, None]] = 0
-    return {
-        "image": rng.normal(size=(batch, size, size, 3)).astype(np.float32),
-        "text": tokens.astype(np.int32),
-    }
+    shapes = pipeline.input_shapes(config.data, max_len=config.text.max_len)
+    batch = {}
+    for name in towers.tower_names(config.model):
+        if name != "text":
+            batch[name] = rng.normal(size=(config.batch_size, *shapes[name])).astype(np.float32)
+            continue
+        length = config.text.max_len
+        tokens = rng.integers(3, config.text.vocab_size, size=(config.batch_size, length))
+        lengths = rng.integers(1, length + 1, size=config.batch_size)
+        tokens[np.arange(config.batch_size), lengths - 1] = 2
+        tokens[np.arange(length)[None, :] >= lengths[:, None]] = 0
+        batch[name] = tokens.astype(np.int32)
+    return batch
 
 
-def create_train_state(config, model, optimizer, mesh) -> TrainState:
-    """Fresh parameters and optimizer state, replicated over the mesh."""
+def frozen_towers(config) -> frozenset:
+    """Names of the towers locked by `model.<tower>.frozen` (LiT)."""
+    return frozenset(name for name in towers.tower_names(config.model) if config.model[name].frozen)
+
+
+def split_frozen(params: dict, frozen: frozenset) -> tuple[dict, dict]:
+    """params -> (trainable, frozen) by top-level name; `{**trainable, **frozen}` is params."""
+    trainable = {name: value for name, value in params.items() if name not in frozen}
+    locked = {name: value for name, value in params.items() if name in frozen}
+    return trainable, locked
+
+
+def _initializer(config, model, optimizer):
+    """init() -> a fresh TrainState whose parameters carry their logical axis names."""
+    frozen = frozen_towers(config)
 
     def init():
         rng = jax.random.key(config.seed)
         params = model.init(jax.random.fold_in(rng, 0), example_batch(config))["params"]
+        trainable, _ = split_frozen(params, frozen)
         return TrainState(
             step=jnp.zeros((), jnp.int32),
             params=params,
-            opt_state=optimizer.init(params),
+            opt_state=optimizer.init(trainable),  # moments inherit the logical axis names
             rng=jax.random.fold_in(rng, 1),
         )
 
-    return jax.jit(init, out_shardings=sharding.replicated(mesh))()
+    return init
+
+
+def state_shardings(config, model, optimizer, mesh):
+    """The layout of the train state on `mesh`: parameters and their optimizer moments split
+    over `fsdp` along the model width (see sharding.LOGICAL_AXIS_RULES), the rest replicated."""
+    return sharding.logical_shardings(jax.eval_shape(_initializer(config, model, optimizer)), mesh)
+
+
+def create_train_state(config, model, optimizer, mesh) -> TrainState:
+    """Fresh parameters and optimizer state, laid out by `state_shardings`.
+
+    Frozen towers get no optimizer state.
+    """
+    init = _initializer(config, model, optimizer)
+    shardings = state_shardings(config, model, optimizer, mesh)
+    return jax.jit(lambda: nn.unbox(init()), out_shardings=shardings)()
 
 
 def make_output_loss(config, mesh):
-    """output_loss(outputs) -> the training loss of the model's outputs for one global batch.
+    """output_loss(outputs) -> (loss, metrics): the training loss of the model's outputs.
 
-    The contrastive loss, plus optional alignment and uniformity terms (Wang & Isola,
+    The loss is the sum over `loss.pairs` of the contrastive loss of the two towers'
+    embeddings (for more than two towers, as in ImageBind / LanguageBind binding to
+    one anchor modality), plus optional alignment and uniformity terms (Wang & Isola,
     2020) weighted by `loss.alignment_weight` and `loss.uniformity_weight`, which pull
     pairs together and spread each modality over the sphere (closing the modality gap).
     """
-    axis = sharding.DATA_AXIS
+    axis = sharding.BATCH_AXES
 
-    def output_loss(outputs):
-        image, text = outputs["embeddings"]["image"], outputs["embeddings"]["text"]  # [B, E]
+    def pair_loss(x, y, outputs):  # x, y: [B, E]
         loss = losses.compute(
-            config.loss.name,
-            image,
-            text,
-            scale=outputs["logit_scale"],
-            bias=outputs["logit_bias"],
-            mesh=mesh,
-            axis=axis,
+            config.loss.name, x, y, scale=outputs["logit_scale"], bias=outputs["logit_bias"],
+            mesh=mesh, axis=axis,
         )
         if config.loss.alignment_weight:
-            loss += config.loss.alignment_weight * losses.alignment(image, text, mesh=mesh, axis=axis)
+            loss += config.loss.alignment_weight * losses.alignment(x, y, mesh=mesh, axis=axis)
         if config.loss.uniformity_weight:
-            uniformity = losses.uniformity(image, mesh=mesh, axis=axis) + losses.uniformity(
-                text, mesh=mesh, axis=axis
+            uniformity = losses.uniformity(x, mesh=mesh, axis=axis) + losses.uniformity(
+                y, mesh=mesh, axis=axis
             )
             loss += config.loss.uniformity_weight * uniformity / 2
         return loss
+
+    def output_loss(outputs):
+        embeddings = outputs["embeddings"]
+        metrics = {
+            "train/logit_scale": outputs["logit_scale"],
+            "train/logit_bias": outputs["logit_bias"],
+        }
+        total = 0.0
+        for first, second in config.loss.pairs:
+            loss = pair_loss(embeddings[first], embeddings[second], outputs)
+            metrics[f"train/loss/{first}_{second}"] = loss
+            total += loss
+        return total, metrics
 
     return output_loss
 
 
 def make_loss_fn(config, model, mesh):
-    """loss_fn(params, batch, rng) -> (loss, model outputs): the contrastive loss of one batch."""
+    """loss_fn(params, batch, rng) -> (loss, metrics): the contrastive loss of one batch."""
     output_loss = make_output_loss(config, mesh)
 
     def loss_fn(params, batch, rng):
         outputs = model.apply(
             {"params": params}, batch, deterministic=False, rngs={"dropout": rng}
         )
-        return output_loss(outputs), outputs
+        return output_loss(outputs)
 
     return loss_fn
 
 
 def make_value_and_grad(config, model, mesh):
-    """fn(params, batch, rng) -> ((loss, outputs), grads); GradCache if grad_cache.num_chunks > 1."""
-    if config.grad_cache.num_chunks > 1:
-        return grad_cache.value_and_grad(
-            model, make_output_loss(config, mesh), mesh=mesh,
-            num_chunks=config.grad_cache.num_chunks, axis=sharding.DATA_AXIS,
-        )
-    return jax.value_and_grad(make_loss_fn(config, model, mesh), has_aux=True)
+    """fn(params, batch, rng) -> ((loss, metrics), grads of the trainable params).
+
+    Frozen towers enter as constants, so no backward pass runs through them. With
+    `grad_cache.num_chunks` > 1 the gradient comes from GradCache.
+    """
+    frozen = frozen_towers(config)
+    loss_fn = make_loss_fn(config, model, mesh)
+
+    def value_and_grad(params, batch, rng):
+        trainable, locked = split_frozen(params, frozen)
+        with sharding.logical_rules(mesh):  # activations split over data x fsdp
+            if config.grad_cache.num_chunks == 1:
+                return jax.value_and_grad(
+                    lambda trainable: loss_fn({**trainable, **locked}, batch, rng), has_aux=True
+                )(trainable)
+
+            def apply(trainable, inputs, **kwargs):
+                return model.apply({"params": {**trainable, **locked}}, inputs, **kwargs)
+
+            return grad_cache.value_and_grad(
+                apply, make_output_loss(config, mesh), mesh=mesh,
+                num_chunks=config.grad_cache.num_chunks, axis=sharding.BATCH_AXES,
+            )(trainable, batch, rng)
+
+    return value_and_grad
 
 
-def make_train_step(config, model, optimizer, mesh):
-    """The compiled step: (state, batch) -> (state, metrics). The input state is donated."""
+def make_train_step(config, model, optimizer, mesh, state_sharding):
+    """The compiled step: (state, batch) -> (state, metrics). The input state is donated.
+
+    `state_sharding` is the layout of the train state (`sharding.shardings_of(state)`),
+    kept on output so parameters stay split over fsdp.
+    """
     schedule = learning_rate_schedule(config)
     value_and_grad = make_value_and_grad(config, model, mesh)
+    frozen = frozen_towers(config)
 
     def train_step(state: TrainState, batch: dict):
         rng = jax.random.fold_in(state.rng, state.step)
-        (loss, outputs), grads = value_and_grad(state.params, batch, rng)
-        updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
-        params = optax.apply_updates(state.params, updates)
+        (loss, metrics), grads = value_and_grad(state.params, batch, rng)
+        trainable, locked = split_frozen(state.params, frozen)
+        updates, opt_state = optimizer.update(grads, state.opt_state, trainable)
+        params = {**optax.apply_updates(trainable, updates), **locked}
         metrics = {
             "train/loss": loss,
-            "train/logit_scale": outputs["logit_scale"],
+            **metrics,
             "train/grad_norm": optax.global_norm(grads),
-            "train/logit_bias": outputs["logit_bias"],
             "train/learning_rate": schedule(state.step),
         }
         new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state)
@@ -183,8 +264,8 @@ def make_train_step(config, model, optimizer, mesh):
     replicated = sharding.replicated(mesh)
     return jax.jit(
         train_step,
-        in_shardings=(replicated, sharding.batch_sharding(mesh)),
-        out_shardings=(replicated, replicated),
+        in_shardings=(state_sharding, sharding.batch_sharding(mesh)),
+        out_shardings=(state_sharding, replicated),
         donate_argnums=0,
     )
 
@@ -200,6 +281,42 @@ def load_tokenizer(config, workdir: str):
     )
 
 
+def train_step_flops(config, vocab_size: int) -> int:
+    """Model FLOPs of one train step (forward + backward, 2 per multiply-add; see flops.py)."""
+    resolved = towers.resolve_towers(config.model, vocab_size=vocab_size, max_len=config.text.max_len)
+    shapes = pipeline.input_shapes(config.data, max_len=config.text.max_len)
+    forward = {
+        name: flops.tower_forward_flops(tower, shapes[name], config.model.embed_dim)
+        for name, tower in resolved.items()
+    }
+    return flops.train_step_flops(
+        forward, frozen_towers(config), config.batch_size, config.model.embed_dim,
+        len(config.loss.pairs),
+    )
+
+
+def print_model_summary(config, params, vocab_size: int) -> None:
+    """One line per tower: kind, size, parameter count, frozen or not."""
+    resolved = towers.resolve_towers(config.model, vocab_size=vocab_size, max_len=config.text.max_len)
+    for name, tower in resolved.items():
+        count = sum(x.size for x in jax.tree.leaves(params[name]))
+        variant = config.model[name].variant or "custom"
+        locked = ", frozen" if config.model[name].frozen else ""
+        print(f"  {name:<6} {tower['kind']:<5} {variant:<10} width {tower['width']:>4}, "
+              f"depth {tower['depth']:>2}: {count / 1e6:8.2f}M parameters{locked}", flush=True)
+
+
+def load_initial_towers(config, state: TrainState) -> TrainState:
+    """Replaces each tower that has `model.<tower>.init_from` with the one in that run (LiT)."""
+    params = dict(state.params)
+    for name in towers.tower_names(config.model):
+        source = config.model[name].init_from
+        if source:
+            params[name] = checkpoint.load_tower(source, name, like=params[name])
+            print(f"Initialised tower {name!r} from {source}", flush=True)
+    return state.replace(params=params)
+
+
 def train_and_evaluate(config, workdir: str) -> dict:
     """Trains to `config.total_steps` (resuming from WORKDIR if it holds a checkpoint), then evaluates.
 
@@ -209,7 +326,10 @@ def train_and_evaluate(config, workdir: str) -> dict:
     os.makedirs(workdir, exist_ok=True)
     tokenizer = load_tokenizer(config, workdir)
     mesh = sharding.make_mesh(config.mesh)
-    model = build_model(config.model, vocab_size=tokenizer.vocab_size, max_len=config.text.max_len)
+    modalities = towers.tower_names(config.model)
+    model = towers.build_model(
+        config.model, vocab_size=tokenizer.vocab_size, max_len=config.text.max_len
+    )
     optimizer = make_optimizer(config)
     state = create_train_state(config, model, optimizer, mesh)
     train_data = iter(
@@ -219,10 +339,11 @@ def train_and_evaluate(config, workdir: str) -> dict:
             max_len=config.text.max_len,
             global_batch_size=config.batch_size,
             seed=config.seed,
+            modalities=modalities,
         )
     )
 
-    checkpointer = Checkpointer(
+    checkpointer = checkpoint.Checkpointer(
         os.path.join(workdir, "checkpoints"), max_to_keep=config.keep_checkpoints
     )
     start_step = checkpointer.latest_step() or 0
@@ -232,12 +353,19 @@ def train_and_evaluate(config, workdir: str) -> dict:
         print(f"Resuming from the checkpoint at step {start_step} in {workdir}{done}", flush=True)
     else:
         print(f"Starting a new run in {workdir}", flush=True)
+        state = load_initial_towers(config, state)
     num_params = sum(x.size for x in jax.tree.leaves(state.params))
+    step_flops = train_step_flops(config, tokenizer.vocab_size)
     print(f"{num_params / 1e6:.2f}M parameters, {jax.device_count()} devices, "
-          f"mesh {dict(mesh.shape)}", flush=True)
+          f"mesh {dict(mesh.shape)}, {step_flops / 1e12:.4g} TFLOPs per train step", flush=True)
+    print_model_summary(config, state.params, tokenizer.vocab_size)
 
-    train_step = make_train_step(config, model, optimizer, mesh)
-    logger = MetricLogger(workdir, total_steps=config.total_steps, start_step=start_step)
+    train_step = make_train_step(config, model, optimizer, mesh, sharding.shardings_of(state))
+    logger = MetricLogger(
+        workdir, total_steps=config.total_steps, start_step=start_step,
+        flops_per_step=step_flops, num_devices=mesh.size,
+        peak_flops_per_device=flops.peak_flops_per_device(jax.devices()[0].device_kind),
+    )
     for step in range(start_step + 1, config.total_steps + 1):
         batch = sharding.global_batch(next(train_data), mesh)
         state, metrics = train_step(state, batch)
@@ -249,9 +377,14 @@ def train_and_evaluate(config, workdir: str) -> dict:
     checkpointer.close()
     train_data.close()  # stops the prefetch thread or worker processes
 
-    eval_data = pipeline.eval_data(config.data, tokenizer, max_len=config.text.max_len)
+    eval_data = pipeline.eval_data(
+        config.data, tokenizer, max_len=config.text.max_len, modalities=modalities
+    )
+    # Every pair of towers, trained or not: binding two modalities to a third one aligns
+    # them with each other too (ImageBind's emergent retrieval).
+    eval_pairs = list(itertools.combinations(modalities, 2))
     results = evaluate.evaluate(
-        model, state.params, eval_data,
+        model, state.params, eval_data, pairs=eval_pairs,
         batch_size=config.eval.batch_size, recall_at=tuple(config.eval.recall_at),
     )
     logger.write(config.total_steps, results)

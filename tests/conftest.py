@@ -14,8 +14,7 @@ jax.config.update("jax_enable_x64", False)
 import pytest  # noqa: E402
 
 
-@pytest.fixture
-def tiny_config():
+def make_tiny_config():
     """A config small enough that a train step compiles and runs in seconds on CPU."""
     from bigalign.config import base_config
 
@@ -34,3 +33,8 @@ def tiny_config():
         tower.width, tower.depth, tower.num_heads, tower.mlp_dim = 32, 1, 2, 64
     config.eval.batch_size = 16
     return config
+
+
+@pytest.fixture
+def tiny_config():
+    return make_tiny_config()

@@ -5,25 +5,32 @@ import jax.numpy as jnp
 import numpy as np
 
 from bigalign import sharding, train
-from bigalign.models.towers import build_model
+from bigalign.models import towers
 
 
-def setup(config, data_shards: int, *, state_cache: dict | None = None):
-    """(mesh, model, optimizer, initial TrainState) for `config` on `data_shards` devices.
+def setup(config, data_shards: int, fsdp: int = 1, *, state_cache: dict | None = None):
+    """(mesh, model, optimizer, initial TrainState) for `config` on a (data_shards, fsdp) mesh.
 
-    With `state_cache`, the initial state is built once per mesh size and copied after:
+    With `state_cache`, the initial state is built once per mesh shape and copied after:
     for tests whose configs share the seed, towers and optimizer structure (dropout, the
     loss and the learning rate do not change it), since compiling it takes seconds.
     """
-    config.mesh.data = data_shards
+    config.mesh.data, config.mesh.fsdp = data_shards, fsdp
     mesh = sharding.make_mesh(config.mesh)
-    model = build_model(config.model, vocab_size=config.text.vocab_size, max_len=config.text.max_len)
+    model = towers.build_model(
+        config.model, vocab_size=config.text.vocab_size, max_len=config.text.max_len
+    )
     optimizer = train.make_optimizer(config)
     if state_cache is None:
         return mesh, model, optimizer, train.create_train_state(config, model, optimizer, mesh)
-    if data_shards not in state_cache:
-        state_cache[data_shards] = train.create_train_state(config, model, optimizer, mesh)
-    return mesh, model, optimizer, jax.tree.map(jnp.copy, state_cache[data_shards])
+    if (data_shards, fsdp) not in state_cache:
+        state_cache[data_shards, fsdp] = train.create_train_state(config, model, optimizer, mesh)
+    return mesh, model, optimizer, jax.tree.map(jnp.copy, state_cache[data_shards, fsdp])
+
+
+def make_step(config, model, optimizer, mesh, state):
+    """The jitted train step for `state`'s layout."""
+    return train.make_train_step(config, model, optimizer, mesh, sharding.shardings_of(state))
 
 
 def assert_trees_close(actual, expected, *, rtol: float) -> None:

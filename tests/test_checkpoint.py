@@ -9,11 +9,13 @@ from bigalign.checkpoint import Checkpointer
 from bigalign.data import pipeline, tokenizer as tokenizer_lib
 from bigalign.errors import UserError
 from bigalign.models.towers import build_model
+from helpers import make_step
 
 
 def build(config, tmp_path, init_seed):
-    """State initialised from `init_seed`; the data stream always from seed 0."""
+    """State initialised from `init_seed` on a (4, 2) mesh; the data stream always from seed 0."""
     config.seed = init_seed
+    config.mesh.fsdp = 2  # parameters and optimizer state are saved and restored sharded
     tokenizer = tokenizer_lib.load_or_train(
         str(tmp_path / "tok.model"), lambda: pipeline.tokenizer_corpus(config.data), 64
     )
@@ -27,7 +29,7 @@ def build(config, tmp_path, init_seed):
             global_batch_size=config.batch_size, seed=0,
         )
     )
-    step = train.make_train_step(config, model, optimizer, mesh)
+    step = make_step(config, model, optimizer, mesh, state)
     return mesh, state, data, step
 
 

@@ -12,14 +12,23 @@ from bigalign.errors import UserError
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def test_base_and_demo_configs_are_valid():
-    config_lib.validate(config_lib.base_config())
+def load_config(name: str, *args):
+    """configs/<name>.py's get_config(*args)."""
     sys.path.insert(0, os.path.join(REPO, "configs"))
     try:
-        import demo
+        module = __import__(name)
     finally:
         sys.path.pop(0)
-    config_lib.validate(demo.get_config())
+    return module.get_config(*args)
+
+
+def test_shipped_configs_are_valid():
+    config_lib.validate(config_lib.base_config())
+    config_lib.validate(load_config("demo"))
+    three_towers = load_config("demo", "audio")
+    config_lib.validate(three_towers)
+    assert sorted(three_towers.model.audio.keys()) == sorted(config_lib.tower_config("audio").keys())
+    config_lib.validate(load_config("siglip_b16"))
 
 
 @pytest.mark.parametrize(
@@ -29,8 +38,19 @@ def test_base_and_demo_configs_are_valid():
         (lambda c: setattr(c, "batch_size", 12), "batch_size=12 is not divisible by the 8 data shards"),
         (lambda c: setattr(c.model.text, "num_heads", 3), "model.text.width=64 is not divisible by num_heads=3"),
         (lambda c: setattr(c.loss, "name", "infonce"), "unknown loss.name 'infonce'"),
-        (lambda c: setattr(c.data, "image_size", 30), "data.image_size=30 is not divisible by model.image.patch_size=4"),
-        (lambda c: setattr(c.mesh, "data", 3), "mesh.data=3 does not fit the 8 available devices"),
+        (lambda c: setattr(c.data, "image_size", 30), "model.image.patch_size=4 does not divide the image input size (30, 30)"),
+        (lambda c: setattr(c.mesh, "data", 3), "mesh.data=3 x mesh.fsdp=1 does not fit the 8 devices"),
+        (lambda c: setattr(c.model.image, "patchsize", 8), "unknown config key 'model.image.patchsize'; did you mean 'patch_size'"),
+        (lambda c: setattr(c.model.text, "patch_size", 8), "unknown config key 'model.text.patch_size'"),
+        (lambda c: setattr(c.model.image, "variant", "B/15"), "model.image.patch_size=15 does not divide the image input size (32, 32)"),
+        (lambda c: setattr(c.model.image, "variant", "Q/16"), "Q"),
+        (lambda c: setattr(c.model, "remat", "some"), "model.remat='some' is unknown; valid: none, full"),
+        (lambda c: setattr(c.model, "compute_dtype", "float16"), "model.compute_dtype='float16' is unknown"),
+        (lambda c: setattr(c.model.image, "kind", "cnn"), "model.image.kind='cnn' is unknown; valid: vit, text, audio"),
+        (lambda c: setattr(c.model, "video", config_lib.tower_config("vit")), "model.video is a tower, but the data has no 'video' inputs"),
+        (lambda c: setattr(c.model, "audio", config_lib.tower_config("audio")), "tower(s) ['audio'] appear in no loss.pairs entry"),
+        (lambda c: setattr(c.loss, "pairs", (("image", "image"),)), "loss.pairs has ('image', 'image')"),
+        (lambda c: setattr(c.loss, "pairs", (("image", "txt"),)), "each pair must name two different towers of ['image', 'text']"),
         (lambda c: setattr(c.optimizer, "warmup_steps", 10**6), "optimizer.warmup_steps=1000000 must lie in"),
     ],
 )

@@ -9,7 +9,8 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-from bigalign.data import pipeline, synthetic, tokenizer as tokenizer_lib
+from bigalign.data import audio, pipeline, synthetic, tokenizer as tokenizer_lib
+from bigalign.errors import UserError
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 VOCAB_SIZE = 128  # enough for whole-word pieces on the shapes captions
@@ -143,6 +144,108 @@ def test_class_prompts_cover_every_caption_equally():
         assert example["caption"] in prompts[example["label"]]
 
 
+# --- synthetic sounds ---------------------------------------------------------------
+
+
+AUDIO = pipeline.default_config().audio
+CLIP_SAMPLES = round(AUDIO.clip_seconds * AUDIO.sample_rate)
+
+
+def audio_source(split="train", num_examples=1000, seed=None) -> synthetic.ShapesSource:
+    return synthetic.ShapesSource(
+        split, num_examples, 16, random_seed() if seed is None else seed, with_audio=True,
+        sample_rate=AUDIO.sample_rate, clip_samples=CLIP_SAMPLES,
+    )
+
+
+def log_mel(waveforms: np.ndarray) -> np.ndarray:
+    """[N, S] -> the demo's (unnormalised) log-mel spectrograms [N, frames, mels]."""
+    return audio.log_mel_spectrogram(
+        waveforms, sample_rate=AUDIO.sample_rate, num_mel_bins=AUDIO.num_mel_bins,
+        frame_length=AUDIO.frame_length, hop_length=AUDIO.hop_length,
+    )
+
+
+def mel_bin(hz: float) -> int:
+    """The demo's mel bin whose centre is nearest `hz` (in mel)."""
+    centres = audio.hz_to_mel(audio.mel_bin_centres(AUDIO.num_mel_bins, AUDIO.sample_rate))
+    return int(np.argmin(np.abs(centres - audio.hz_to_mel(hz))))
+
+
+def sounds_with_attributes(count: int) -> tuple[np.ndarray, list[dict]]:
+    """Log-mels [count, frames, mels] of random examples, and their caption's attributes."""
+    source = audio_source()
+    examples = [source[i] for i in np.random.choice(len(source), count, replace=False)]
+    spectrograms = log_mel(np.stack([e["audio"] for e in examples]))
+    return spectrograms, [parse_caption(e["caption"]) for e in examples]
+
+
+def test_sounds_are_a_pure_function_of_seed_split_and_index_and_leave_images_alone():
+    seed = random_seed()
+    first, second = audio_source(seed=seed), audio_source(seed=seed)
+    silent = synthetic.ShapesSource("train", 1000, 16, seed)
+    indices = np.random.randint(0, 1000, size=6)
+    for i in list(indices) + list(indices[::-1]):
+        example = first[i]
+        assert example["audio"].shape == (CLIP_SAMPLES,) and example["audio"].dtype == np.float32
+        assert np.all(np.isfinite(example["audio"])) and np.abs(example["audio"]).max() < 2
+        np.testing.assert_array_equal(example["audio"], second[i]["audio"])
+        assert "audio" not in silent[i]
+        assert_examples_equal(example, silent[i])  # the image draws are untouched
+    others = (audio_source(seed=seed + 1), audio_source("eval", seed=seed))
+    for other in others:
+        assert all(not np.array_equal(first[i]["audio"], other[i]["audio"]) for i in indices)
+
+
+def test_pitch_names_the_colour():
+    spectrograms, attributes = sounds_with_attributes(200)
+    loudest_bin = spectrograms.max(axis=1).argmax(axis=-1)  # [N]: the fundamental's bin
+    pitch_bins = {colour: mel_bin(hz) for colour, hz in synthetic.PITCH_HZ.items()}
+    assert len(set(pitch_bins.values())) == len(synthetic.COLOURS)
+    for found, words in zip(loudest_bin, attributes):
+        nearest = min(pitch_bins, key=lambda colour: abs(pitch_bins[colour] - found))
+        assert nearest == words["colour"], (found, words)
+
+
+def test_harmonics_name_the_shape():
+    spectrograms, attributes = sounds_with_attributes(300)
+    peaks = spectrograms.max(axis=1)  # [N, mels]: each bin's level while the tone plays
+    overtones = {shape: [] for shape in synthetic.SHAPES}  # shape -> [(2nd, 3rd)] vs fundamental
+    for levels, words in zip(peaks, attributes):
+        pitch = synthetic.PITCH_HZ[words["colour"]]
+        fundamental = levels[mel_bin(pitch)]
+        overtones[words["shape"]].append(
+            (levels[mel_bin(2 * pitch)] - fundamental, levels[mel_bin(3 * pitch)] - fundamental)
+        )
+    second, third = {}, {}
+    for shape, values in overtones.items():
+        second[shape], third[shape] = np.median(values, axis=0)
+    # cross (all harmonics, 1/k): a strong 2nd harmonic; the others have only odd ones.
+    assert second["cross"] > -3 and max(second[s] for s in ("circle", "square", "triangle")) < -5
+    # 3rd harmonic: square (1/3) > triangle (1/9) > circle (none, just noise).
+    assert third["square"] > third["triangle"] + 1 > third["circle"] + 2, third
+
+
+def test_loudness_names_the_size_and_onset_the_place():
+    spectrograms, attributes = sounds_with_attributes(300)
+    peaks = {size: [] for size in synthetic.SIZES}
+    onsets = {place: [] for place in synthetic.PLACES}
+    for spectrogram, words in zip(spectrograms, attributes):
+        track = spectrogram[:, mel_bin(synthetic.PITCH_HZ[words["colour"]])]  # [frames]
+        peaks[words["size"]].append(track.max())
+        onsets[words["place"]].append(np.argmax(track > (track.max() + track.min()) / 2))
+    # Large tones are 2.5 times the amplitude of small ones: log power + 1.8.
+    assert np.median(peaks["large"]) > np.median(peaks["small"]) + 1
+    in_onset_order = sorted(synthetic.PLACES, key=synthetic.PLACE_ONSET.get)
+    assert np.all(np.diff([np.median(onsets[place]) for place in in_onset_order]) >= 2)
+
+
+def test_audio_source_rejects_a_too_low_sample_rate():
+    with pytest.raises(UserError, match="sample_rate=4000 is too low.*at least"):
+        synthetic.ShapesSource("train", 10, 16, 0, with_audio=True, sample_rate=4000)
+    synthetic.ShapesSource("train", 10, 16, 0, sample_rate=4000)  # no sounds: no check
+
+
 # --- tokenizer --------------------------------------------------------------------
 
 
@@ -267,9 +370,25 @@ def assert_batches_equal(expected: list[dict], actual: list[dict]) -> None:
 
 
 def test_default_config_keys():
-    assert set(pipeline.default_config().keys()) == {
-        "name", "image_size", "num_train", "num_eval", "seed", "num_workers", "augment"
+    config = pipeline.default_config()
+    assert set(config.keys()) == {
+        "name", "image_size", "num_train", "num_eval", "seed", "num_workers", "augment", "audio"
     }
+    assert set(config.audio.keys()) == {
+        "sample_rate", "clip_seconds", "num_mel_bins", "frame_length", "hop_length"
+    }
+
+
+def test_input_shapes_per_modality():
+    shapes = pipeline.input_shapes(pipeline.default_config(), max_len=16)
+    assert shapes == {"image": (32, 32, 3), "text": (16,), "audio": (32, 32)}
+    assert tuple(shapes) == pipeline.MODALITIES
+    config = small_config()
+    config.audio.update(clip_seconds=1.0, num_mel_bins=20, frame_length=400, hop_length=160)
+    assert pipeline.input_shapes(config, max_len=8)["audio"] == (48, 20)  # 1 + 7600 // 160
+    config.audio.clip_seconds = 0.04
+    with pytest.raises(UserError, match="shorter than one frame"):
+        pipeline.input_shapes(config, max_len=8)
 
 
 def test_train_batches_have_model_shapes(tokenizer):
@@ -281,6 +400,65 @@ def test_train_batches_have_model_shapes(tokenizer):
         assert batch["text"].shape == (8, 12) and batch["text"].dtype == np.int32
         assert -1.0 <= batch["image"].min() and batch["image"].max() <= 1.0
         assert np.all((batch["text"] == tokenizer.eos_id).sum(axis=1) == 1)
+
+
+ALL = ("image", "text", "audio")
+
+
+def test_audio_batches_have_model_shapes(tokenizer):
+    config = small_config()
+    shapes = pipeline.input_shapes(config, max_len=12)
+    for modalities in (ALL, ("audio", "text")):
+        dataset = pipeline.train_dataset(
+            config, tokenizer, max_len=12, global_batch_size=8, seed=1, modalities=modalities
+        )
+        for batch in take(iter(dataset), 3):
+            assert batch.keys() == set(modalities)
+            for modality in modalities:
+                assert batch[modality].shape == (8, *shapes[modality])
+            assert batch["audio"].shape == (8, 32, 32) and batch["audio"].dtype == np.float32
+            assert np.all(np.isfinite(batch["audio"]))
+            # Standardised by fixed constants: about zero mean and unit scale.
+            assert abs(batch["audio"].mean()) < 0.5 and 0.5 < batch["audio"].std() < 1.5
+
+
+def test_image_text_pipelines_do_not_synthesise_sounds(tokenizer, monkeypatch):
+    def no_sounds(*args, **kwargs):
+        raise AssertionError("a sound was synthesised")
+
+    monkeypatch.setattr(synthetic, "render_audio", no_sounds)
+    config = small_config()
+    dataset = pipeline.train_dataset(config, tokenizer, max_len=12, global_batch_size=8, seed=1)
+    assert next(iter(dataset)).keys() == {"image", "text"}
+    assert pipeline.eval_data(config, tokenizer, max_len=12)["inputs"].keys() == {"image", "text"}
+
+
+def test_unknown_modality_is_a_one_line_error(tokenizer):
+    config = small_config()
+    for modalities, problem in ((("image", "video"), r"unknown modalities \['video'\]"),
+                                ((), "no modalities")):
+        expected = f"{problem} for data.name='shapes'; valid: image, text, audio"
+        with pytest.raises(UserError, match=expected):
+            pipeline.train_dataset(config, tokenizer, max_len=8, global_batch_size=8, seed=0,
+                                   modalities=modalities)
+        with pytest.raises(UserError, match=expected):
+            pipeline.eval_data(config, tokenizer, max_len=8, modalities=modalities)
+
+
+def test_audio_augmentation_is_a_small_gain(tokenizer):
+    make = lambda augment: next(iter(pipeline.train_dataset(  # noqa: E731
+        small_config(augment=augment, seed=seed), tokenizer, max_len=8, global_batch_size=8,
+        seed=2, modalities=("audio",),
+    )))["audio"]
+    seed = random_seed()
+    plain, augmented = make(False), make(True)
+    # A gain g adds 2 ln(g) / AUDIO_LOG_MEL_STD wherever the energy is far above the floor.
+    loud = plain * pipeline.AUDIO_LOG_MEL_STD + pipeline.AUDIO_LOG_MEL_MEAN > -8  # tone bins
+    shifts = [(a - p)[mask] for a, p, mask in zip(augmented, plain, loud)]
+    limit = 2 * np.log(10 ** (pipeline.AUDIO_GAIN_DB / 20)) / pipeline.AUDIO_LOG_MEL_STD
+    for shift in shifts:
+        assert shift.size and np.ptp(shift) < 5e-3 and abs(shift.mean()) <= limit + 5e-3
+    assert len({round(float(shift.mean()), 4) for shift in shifts}) > 1
 
 
 def test_train_stream_is_deterministic_and_seeded(tokenizer):
@@ -333,11 +511,14 @@ def test_unknown_dataset_name_lists_valid_ones(tokenizer):
         )
 
 
-@pytest.mark.parametrize("num_workers", [0, 1])
-def test_resume_from_iterator_state_replays_the_same_batches(tokenizer, num_workers):
+@pytest.mark.parametrize(
+    "num_workers, modalities", [(0, ("image", "text")), (0, ALL), (1, ALL)]
+)
+def test_resume_from_iterator_state_replays_the_same_batches(tokenizer, num_workers, modalities):
     config = small_config(num_workers=num_workers)
     make = lambda: iter(  # noqa: E731
-        pipeline.train_dataset(config, tokenizer, max_len=12, global_batch_size=8, seed=7)
+        pipeline.train_dataset(config, tokenizer, max_len=12, global_batch_size=8, seed=7,
+                               modalities=modalities)
     )
     before, after = np.random.randint(1, 20), np.random.randint(1, 10)
     uninterrupted = take(make(), before + after)
@@ -372,22 +553,38 @@ def test_resume_through_an_orbax_checkpoint(tokenizer, tmp_path):
     assert_batches_equal(uninterrupted, head + take(resumed, after))
 
 
-def test_eval_data_matches_the_held_out_split(tokenizer):
+@pytest.mark.parametrize("modalities", [("image", "text"), ALL, ("audio", "text")])
+def test_eval_data_matches_the_held_out_split(tokenizer, modalities, monkeypatch):
+    monkeypatch.setattr(pipeline, "EVAL_CHUNK", 20)  # several chunks, the last one partial
     config = small_config()
-    data = pipeline.eval_data(config, tokenizer, max_len=16)
+    data = pipeline.eval_data(config, tokenizer, max_len=16, modalities=modalities)
     n, classes = config.num_eval, synthetic.NUM_CLASSES
-    assert data["images"].shape == (n, 16, 16, 3) and data["images"].dtype == np.float32
-    assert data["texts"].shape == (n, 16) and data["texts"].dtype == np.int32
+    assert data.keys() == {"inputs", "labels", "class_texts", "class_names"}
+    inputs = data["inputs"]
+    assert inputs.keys() == set(modalities)
+    shapes = pipeline.input_shapes(config, max_len=16)
+    for modality in modalities:
+        assert inputs[modality].shape == (n, *shapes[modality])
+        assert inputs[modality].dtype == (np.int32 if modality == "text" else np.float32)
     assert data["labels"].shape == (n,) and data["labels"].dtype == np.int32
     num_prompts = len(synthetic.class_prompts(0))
     assert data["class_texts"].shape == (classes, num_prompts, 16)
     assert data["class_names"] == synthetic.CLASS_NAMES
 
-    source = synthetic.ShapesSource("eval", n, 16, config.seed)
+    source = audio_source("eval", n, seed=config.seed)
     i = int(np.random.randint(n))
-    np.testing.assert_array_equal(data["images"][i], pipeline.normalise_images(source[i]["image"]))
-    assert data["labels"][i] == source[i]["label"]
-    assert tokenizer.decode(data["texts"][i : i + 1]) == [source[i]["caption"]]
+    example = source[i]
+    assert data["labels"][i] == example["label"]
+    assert tokenizer.decode(inputs["text"][i : i + 1]) == [example["caption"]]
+    if "image" in modalities:
+        np.testing.assert_array_equal(
+            inputs["image"][i], pipeline.normalise_images(example["image"])
+        )
+    if "audio" in modalities:
+        expected = pipeline.normalise_audio(
+            example["audio"][None], pipeline._spectrogram_options(config)
+        )[0]
+        np.testing.assert_allclose(inputs["audio"][i], expected, atol=1e-5)
     label = int(np.random.randint(classes))
     assert tokenizer.decode(data["class_texts"][label]) == synthetic.class_prompts(label)
 

@@ -8,7 +8,7 @@ from jax import lax
 
 from bigalign import config as config_lib, grad_cache, sharding, train
 from bigalign.errors import UserError
-from helpers import assert_trees_close, setup as build_on_mesh
+from helpers import assert_trees_close, make_step, setup as build_on_mesh
 
 
 NUM_CHUNKS = 4
@@ -22,17 +22,20 @@ def config(tiny_config):
 
 
 def test_chunks_take_rows_from_every_device_and_invert():
-    mesh = sharding.make_mesh(config_lib.base_config().mesh)  # 8 devices, b = 4 rows each
+    mesh_config = config_lib.base_config().mesh
+    mesh_config.fsdp = 2  # a (4, 2) mesh: the batch is split over both axes
+    mesh = sharding.make_mesh(mesh_config)  # 8 devices, b = 4 rows each
+    axes = sharding.BATCH_AXES
     rows = jax.device_put(jnp.arange(32), sharding.batch_sharding(mesh))
-    chunks = jax.jit(lambda x: grad_cache.to_chunks(x, 2, mesh))(rows)  # [2, 16]
+    chunks = jax.jit(lambda x: grad_cache.to_chunks(x, 2, mesh, axes))(rows)  # [2, 16]
     # Chunk k holds rows [2k, 2k + 2) of every device's block of 4.
     expected = np.arange(32).reshape(8, 2, 2).transpose(1, 0, 2).reshape(2, 16)
     np.testing.assert_array_equal(chunks, expected)
     for shard in chunks.addressable_shards:  # each device keeps its own rows
-        device_index = mesh.devices.tolist().index(shard.device)
+        device_index = mesh.devices.flatten().tolist().index(shard.device)
         own_rows = set(range(4 * device_index, 4 * device_index + 4))
         assert set(np.asarray(shard.data).ravel()) <= own_rows
-    back = jax.jit(lambda x: grad_cache.from_chunks(x, mesh))(chunks)
+    back = jax.jit(lambda x: grad_cache.from_chunks(x, mesh, axes))(chunks)
     np.testing.assert_array_equal(back, np.arange(32))
 
 
@@ -49,12 +52,11 @@ def test_loss_and_gradients_match_plain_autodiff(config, loss_name, shards):
     loss_fn = train.make_loss_fn(config, model, mesh)
     plain = jax.jit(jax.value_and_grad(loss_fn, has_aux=True))
     cached = jax.jit(train.make_value_and_grad(config, model, mesh))
-    (loss, outputs), grads = plain(state.params, batch, state.rng)
-    (cached_loss, cached_outputs), cached_grads = cached(state.params, batch, state.rng)
+    (loss, metrics), grads = plain(state.params, batch, state.rng)
+    (cached_loss, cached_metrics), cached_grads = cached(state.params, batch, state.rng)
 
     np.testing.assert_allclose(cached_loss, loss, rtol=1e-4)
-    # The embeddings come back in the batch's row order.
-    assert_trees_close(cached_outputs, outputs, rtol=1e-4)
+    assert_trees_close(cached_metrics, metrics, rtol=1e-4)  # logit scale, bias, pair losses
     assert_trees_close(cached_grads, grads, rtol=1e-4)
 
 
@@ -74,15 +76,18 @@ def test_dropout_is_replayed_exactly_in_the_recomputation(config):
         chunk_outputs = lax.map(embed, (chunks, jnp.arange(NUM_CHUNKS)))
         embeddings = grad_cache.from_chunks(chunk_outputs["embeddings"], mesh)
         head = model.apply({"params": params}, {})
-        return output_loss(dict(head, embeddings=embeddings))
+        return output_loss(dict(head, embeddings=embeddings))[0]
 
     def reference(params, batch, rng):
-        without_dropout = output_loss(model.apply({"params": params}, batch))
+        without_dropout, _ = output_loss(model.apply({"params": params}, batch))
         return jax.value_and_grad(chunked_loss)(params, batch, rng), without_dropout
 
     (loss, grads), loss_without_dropout = jax.jit(reference)(state.params, batch, state.rng)
+    def apply(params, inputs, **kwargs):
+        return model.apply({"params": params}, inputs, **kwargs)
+
     cached = jax.jit(
-        grad_cache.value_and_grad(model, output_loss, mesh=mesh, num_chunks=NUM_CHUNKS)
+        grad_cache.value_and_grad(apply, output_loss, mesh=mesh, num_chunks=NUM_CHUNKS)
     )
     (cached_loss, _), cached_grads = cached(state.params, batch, state.rng)
     assert abs(float(loss_without_dropout) - float(loss)) > 1e-4  # dropout is active
@@ -97,7 +102,7 @@ def test_train_step_with_grad_cache_matches_the_plain_step(config):
     results = []
     for num_chunks in (1, NUM_CHUNKS):
         config.grad_cache.num_chunks = num_chunks
-        step = train.make_train_step(config, model, optimizer, mesh)
+        step = make_step(config, model, optimizer, mesh, state)
         results.append(step(jax.tree.map(jnp.copy, state), batch))  # the step donates its state
     (plain_state, plain_metrics), (cached_state, cached_metrics) = results
     assert cached_metrics.keys() == plain_metrics.keys()

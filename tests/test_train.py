@@ -4,35 +4,23 @@ import json
 import os
 import shutil
 
+import flax.linen as nn
 import jax
 import numpy as np
 import pytest
 
-from bigalign import sharding, train
-from helpers import assert_trees_close, setup
-
-
-@pytest.mark.parametrize("loss_name", ["sigmoid", "softmax"])
-def test_sharded_loss_and_gradients_match_single_device(tiny_config, loss_name):
-    tiny_config.loss.name = loss_name
-    batch = train.random_batch(tiny_config, np.random.default_rng())
-    results = []
-    for shards in (8, 1):
-        mesh, model, _, state = setup(tiny_config, shards)
-        loss_fn = train.make_loss_fn(tiny_config, model, mesh)
-        grad_fn = jax.jit(jax.value_and_grad(lambda p, b: loss_fn(p, b, state.rng)[0]))
-        results.append(grad_fn(state.params, sharding.global_batch(batch, mesh)))
-    (loss8, grads8), (loss1, grads1) = results
-    np.testing.assert_allclose(loss8, loss1, rtol=1e-5)
-    assert_trees_close(grads8, grads1, rtol=1e-5)
+from bigalign import config as config_lib, sharding, train
+from bigalign.models import towers
+from helpers import make_step, setup
 
 
 def test_alignment_and_uniformity_terms_are_added_with_their_weights(tiny_config):
     batch = train.random_batch(tiny_config, np.random.default_rng())
     mesh, model, _, state = setup(tiny_config, 8)
-    plain_loss, outputs = train.make_loss_fn(tiny_config, model, mesh)(
+    plain_loss, _ = train.make_loss_fn(tiny_config, model, mesh)(
         state.params, sharding.global_batch(batch, mesh), state.rng
     )
+    outputs = model.apply({"params": state.params}, batch)
     tiny_config.loss.alignment_weight, tiny_config.loss.uniformity_weight = 1.5, 0.5
     weighted_loss, _ = train.make_loss_fn(tiny_config, model, mesh)(
         state.params, sharding.global_batch(batch, mesh), state.rng
@@ -51,7 +39,7 @@ def test_alignment_and_uniformity_terms_are_added_with_their_weights(tiny_config
 
 def test_train_step_on_mesh_decreases_loss_on_a_fixed_batch(tiny_config):
     mesh, model, optimizer, state = setup(tiny_config, 8)
-    step = train.make_train_step(tiny_config, model, optimizer, mesh)
+    step = make_step(tiny_config, model, optimizer, mesh, state)
     batch = sharding.global_batch(train.random_batch(tiny_config, np.random.default_rng()), mesh)
     assert "all-gather" in step.lower(state, batch).compile().as_text()  # negatives cross devices
     losses = []
@@ -74,7 +62,7 @@ def test_training_end_to_end_and_resume_replays_the_same_run(tiny_config, tmp_pa
     straight_dir, resumed_dir = tmp_path / "straight", tmp_path / "resumed"
     straight = train.train_and_evaluate(tiny_config, str(straight_dir))
     assert "Starting a new run" in capsys.readouterr().out
-    for key in ("eval/zeroshot_top1", "eval/i2t_recall@1", "eval/t2i_recall@1"):
+    for key in ("eval/image_zeroshot_top1", "eval/image2text_recall@1", "eval/text2image_recall@1"):
         assert 0.0 <= straight[key] <= 1.0
     records = read_metrics(straight_dir)
     assert all("step" in r for r in records)
@@ -94,3 +82,37 @@ def test_training_end_to_end_and_resume_replays_the_same_run(tiny_config, tmp_pa
     }
     assert resumed_losses == straight_losses  # bit-identical: same data, same updates
     assert resumed == straight
+
+
+@pytest.mark.parametrize("scan_layers", [False, True])
+def test_weight_decay_applies_to_kernels_and_token_table_only(tiny_config, scan_layers):
+    tiny_config.model.scan_layers = scan_layers
+    model = towers.build_model(tiny_config.model, vocab_size=128, max_len=tiny_config.text.max_len)
+    params = jax.eval_shape(lambda: model.init(jax.random.key(0), train.example_batch(tiny_config)))
+    mask = train.weight_decay_mask(nn.unbox(params["params"]))
+    decayed = {
+        jax.tree_util.keystr(path) for path, decays in jax.tree_util.tree_leaves_with_path(mask)
+        if decays
+    }
+    assert "['text']['encoder']['token_embed']['embedding']" in decayed
+    assert all(name.endswith(("['kernel']", "['embedding']")) for name in decayed)
+    kernels = [p for p, _ in jax.tree_util.tree_leaves_with_path(mask)
+               if jax.tree_util.keystr(p).endswith("['kernel']")]
+    assert len(decayed) == len(kernels) + 1
+
+
+def test_three_towers_train_on_the_sum_of_pair_losses_and_evaluate_every_pair(tiny_config, tmp_path):
+    tiny_config.model.audio = config_lib.tower_config(
+        "audio", width=32, depth=1, num_heads=2, mlp_dim=64
+    )
+    tiny_config.loss.pairs = (("image", "text"), ("audio", "text"))
+    tiny_config.total_steps, tiny_config.log_every = 4, 2
+    results = train.train_and_evaluate(tiny_config, str(tmp_path))
+    for key in ("eval/audio_zeroshot_top1", "eval/image_zeroshot_top1", "eval/audio2text_recall@1",
+                "eval/audio2image_recall@1", "eval/image2text_recall@5", "eval/audio_text_gap"):
+        assert 0.0 <= results[key] <= 2.0, key
+    records = [r for r in read_metrics(tmp_path) if "train/loss" in r]
+    assert len(records) == 2
+    for r in records:
+        pair_sum = r["train/loss/image_text"] + r["train/loss/audio_text"]
+        np.testing.assert_allclose(r["train/loss"], pair_sum, rtol=1e-6)

@@ -10,7 +10,7 @@ pooling (`map`).
 import flax.linen as nn
 import jax.numpy as jnp
 
-from bigalign.models.transformer import AttentionPool, Encoder
+from bigalign.models.transformer import AttentionPool, Dtype, Encoder, partitioned
 
 POOLINGS = ("last", "first", "map")
 PAD_ID = 0
@@ -26,6 +26,9 @@ class TextTransformer(nn.Module):
     causal: bool = True
     pool: str = "last"
     dropout_rate: float = 0.0
+    dtype: Dtype = jnp.float32
+    remat: str = "none"
+    scan_layers: bool = False
 
     @nn.compact
     def __call__(self, tokens, *, deterministic: bool = True):
@@ -33,21 +36,36 @@ class TextTransformer(nn.Module):
             raise ValueError(f"unknown text pooling {self.pool!r}; use one of {POOLINGS}")
         batch, length = tokens.shape
         is_token = tokens != PAD_ID  # [B, L]
-        x = nn.Embed(self.vocab_size, self.width, name="token_embed")(tokens)
+        x = nn.Embed(
+            self.vocab_size,
+            self.width,
+            dtype=self.dtype,
+            embedding_init=partitioned(nn.linear.default_embed_init, "vocab", "embed"),
+            name="token_embed",
+        )(tokens)  # [B, L, W]
         positions = self.param(
-            "position_embedding", nn.initializers.normal(stddev=0.01), (1, self.max_len, self.width)
+            "position_embedding",
+            partitioned(nn.initializers.normal(stddev=0.01), None, None, "embed"),
+            (1, self.max_len, self.width),
         )
-        x = x + positions[:, :length]
+        x = x + positions[:, :length].astype(self.dtype)
         mask = nn.make_attention_mask(is_token, is_token)  # [B, 1, L, L]
         if self.causal:
             mask = nn.combine_masks(mask, nn.make_causal_mask(tokens))
-        x = Encoder(self.depth, self.num_heads, self.mlp_dim, self.dropout_rate, name="encoder")(
-            x, mask, deterministic=deterministic
-        )
+        x = Encoder(
+            self.depth,
+            self.num_heads,
+            self.mlp_dim,
+            self.dropout_rate,
+            dtype=self.dtype,
+            remat=self.remat,
+            scan_layers=self.scan_layers,
+            name="encoder",
+        )(x, mask, deterministic=deterministic)
         if self.pool == "first":
             return x[:, 0]
         if self.pool == "map":
-            return AttentionPool(self.num_heads, self.mlp_dim, name="map_head")(
+            return AttentionPool(self.num_heads, self.mlp_dim, self.dtype, name="map_head")(
                 x, mask=is_token[:, None, None, :]
             )
         last = jnp.maximum(is_token.sum(axis=1) - 1, 0)  # index of the EOS token, [B]

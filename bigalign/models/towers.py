@@ -1,9 +1,9 @@
 """The contrastive model: named towers, each projected into one shared embedding space.
 
-Every modality (`image`, `text`, ...) has an encoder (a ViT, a text Transformer,
-...) followed by a bias-free linear projection to `embed_dim` and L2
-normalisation. The model also owns the learnable logit scale (stored as its log,
-so it stays positive) and bias (SigLIP) that the loss uses.
+Every modality (`image`, `text`, `audio`, ...) has an encoder (a ViT, a text
+Transformer, an audio Transformer) followed by a bias-free linear projection to
+`embed_dim` and L2 normalisation. The model also owns the learnable logit scale
+(stored as its log, so it stays positive) and bias (SigLIP) that the loss uses.
 
 Parameters are laid out as {modality: {"encoder", "projection"}, "logit_scale",
 "logit_bias"}, so one tower can be locked or swapped by its name.
@@ -13,15 +13,24 @@ from typing import Any, Mapping
 
 import flax.linen as nn
 import jax.numpy as jnp
+import ml_collections
 
+from bigalign.models.audio import AudioTransformer
+from bigalign.models.sizes import parse_variant
 from bigalign.models.text import TextTransformer
+from bigalign.models.transformer import partitioned
 from bigalign.models.vit import VisionTransformer
 
-ENCODERS = {"vit": VisionTransformer, "text": TextTransformer}
+ENCODERS = {"vit": VisionTransformer, "text": TextTransformer, "audio": AudioTransformer}
+COMPUTE_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+
+# Tower config keys that become encoder arguments: shared ones, then each kind's own.
+_SHARED_KEYS = ("width", "depth", "num_heads", "mlp_dim", "pool")
+_KIND_KEYS = {"vit": ("patch_size",), "audio": ("patch_size",), "text": ("causal",)}
 
 
 class Tower(nn.Module):
-    """One modality: encoder -> linear projection -> unit-length embedding [B, embed_dim]."""
+    """One modality: encoder -> linear projection -> unit-length float32 embedding [B, embed_dim]."""
 
     kind: str
     encoder_kwargs: Mapping[str, Any]
@@ -30,9 +39,15 @@ class Tower(nn.Module):
     @nn.compact
     def __call__(self, inputs, *, deterministic: bool = True):
         encoder = ENCODERS[self.kind](**self.encoder_kwargs, name="encoder")
-        features = encoder(inputs, deterministic=deterministic)
-        embeddings = nn.Dense(self.embed_dim, use_bias=False, name="projection")(features)
-        embeddings = embeddings.astype(jnp.float32)
+        features = encoder(inputs, deterministic=deterministic)  # [B, W]
+        embeddings = nn.Dense(
+            self.embed_dim,
+            use_bias=False,
+            dtype=encoder.dtype,
+            kernel_init=partitioned(nn.initializers.lecun_normal(), "embed", "proj"),
+            name="projection",
+        )(features)
+        embeddings = embeddings.astype(jnp.float32)  # normalise in float32 whatever the compute dtype
         return embeddings / jnp.linalg.norm(embeddings, axis=-1, keepdims=True).clip(1e-6)
 
 
@@ -40,7 +55,8 @@ class ContrastiveModel(nn.Module):
     """Maps {modality: inputs} to {modality: embeddings} plus the logit scale and bias.
 
     Only the modalities present in `inputs` are run, so evaluation can embed
-    images and texts separately with the same parameters.
+    images and texts separately with the same parameters, and `apply(v, {})`
+    returns just the scale and bias.
     """
 
     towers: Mapping[str, Mapping[str, Any]]  # modality -> {"kind": ..., encoder kwargs}
@@ -57,25 +73,69 @@ class ContrastiveModel(nn.Module):
             if modality in inputs:
                 embeddings[modality] = module(inputs[modality], deterministic=deterministic)
         log_scale = self.param(
-            "logit_scale", nn.initializers.constant(self.init_logit_scale), (), jnp.float32
+            "logit_scale", partitioned(nn.initializers.constant(self.init_logit_scale)), (), jnp.float32
         )
         bias = self.param(
-            "logit_bias", nn.initializers.constant(self.init_logit_bias), (), jnp.float32
+            "logit_bias", partitioned(nn.initializers.constant(self.init_logit_bias)), (), jnp.float32
         )
         return {"embeddings": embeddings, "logit_scale": jnp.exp(log_scale), "logit_bias": bias}
 
 
-def build_model(model_config, *, vocab_size: int, max_len: int) -> ContrastiveModel:
-    """The model described by `config.model`; the text tower gets the tokenizer's vocabulary."""
+def tower_names(model_config: ml_collections.ConfigDict) -> list[str]:
+    """The towers of `config.model`: every sub-ConfigDict with a "kind", in the config's key order
+    (ConfigDict lists keys sorted by name)."""
+    return [
+        name
+        for name, value in model_config.items()
+        if isinstance(value, ml_collections.ConfigDict) and "kind" in value
+    ]
+
+
+def resolve_towers(
+    model_config: ml_collections.ConfigDict, *, vocab_size: int, max_len: int
+) -> dict[str, dict]:
+    """{modality: {"kind", encoder kwargs}} from `config.model`, ready for ContrastiveModel.
+
+    A tower's non-empty `variant` ("B/16", "So400m/14", "B") replaces its width,
+    depth, num_heads and mlp_dim, and its patch_size when it names one. Model-level
+    dropout_rate, compute_dtype, remat and scan_layers apply to every tower; text
+    towers also get the tokenizer's vocabulary size and maximum length. Keys that
+    are not encoder arguments (frozen, init_from, variant) are dropped.
+    """
+    if model_config.compute_dtype not in COMPUTE_DTYPES:
+        raise ValueError(
+            f"unknown model.compute_dtype {model_config.compute_dtype!r}; use one of {tuple(COMPUTE_DTYPES)}"
+        )
     towers = {}
-    for modality in ("image", "text"):
-        tower = dict(model_config[modality].to_dict())
-        tower["dropout_rate"] = model_config.dropout_rate
-        if tower["kind"] == "text":
-            tower.update(vocab_size=vocab_size, max_len=max_len)
-        towers[modality] = tower
+    for name in tower_names(model_config):
+        tower = model_config[name]
+        if tower.kind not in ENCODERS:
+            raise ValueError(f"model.{name}.kind={tower.kind!r} is unknown; valid: {', '.join(ENCODERS)}")
+        own_keys = _KIND_KEYS[tower.kind]
+        kwargs = {key: tower[key] for key in _SHARED_KEYS + own_keys if key in tower}
+        if tower.get("variant"):
+            dims, patch_size = parse_variant(tower.variant)
+            kwargs.update(dims)
+            if patch_size is not None and "patch_size" in own_keys:
+                kwargs["patch_size"] = patch_size
+        kwargs.update(
+            dropout_rate=model_config.dropout_rate,
+            dtype=COMPUTE_DTYPES[model_config.compute_dtype],
+            remat=model_config.remat,
+            scan_layers=model_config.scan_layers,
+        )
+        if tower.kind == "text":
+            kwargs.update(vocab_size=vocab_size, max_len=max_len)
+        towers[name] = {"kind": tower.kind, **kwargs}
+    return towers
+
+
+def build_model(
+    model_config: ml_collections.ConfigDict, *, vocab_size: int, max_len: int
+) -> ContrastiveModel:
+    """The model described by `config.model`; text towers get the tokenizer's vocabulary."""
     return ContrastiveModel(
-        towers=towers,
+        towers=resolve_towers(model_config, vocab_size=vocab_size, max_len=max_len),
         embed_dim=model_config.embed_dim,
         init_logit_scale=model_config.init_logit_scale,
         init_logit_bias=model_config.init_logit_bias,

@@ -3,12 +3,116 @@
 One block is: x + Attention(LN(x)), then x + MLP(LN(x)) (Xiong et al., 2020),
 the layout ViT, CLIP and SigLIP all use. Towers differ only in how tokens
 come in (patches, words, spectrogram patches) and how they are pooled.
+
+Every module computes in `dtype` (bfloat16 for speed) while its parameters stay
+float32, and every parameter carries logical axis names for FSDP: "embed" (the
+residual width), "mlp", "heads", "kv" (head dim), "vocab", "layers" (the scan
+axis), "proj" (the projection's output) or None. `sharding.py` maps those names
+onto the mesh; without its rules they are inert.
 """
 
-from typing import Optional
+from typing import Any, Optional
 
 import flax.linen as nn
+import jax
 import jax.numpy as jnp
+
+# Which activations the backward pass may keep instead of recomputing; config key -> policy.
+REMAT_POLICIES = {
+    "none": None,  # no rematerialisation: keep everything
+    "full": jax.checkpoint_policies.nothing_saveable,
+    "dots": jax.checkpoint_policies.checkpoint_dots,
+    "dots_no_batch": jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims,
+}
+
+Dtype = Any
+
+
+def partitioned(initializer, *names):
+    """`initializer` whose parameter carries one logical axis name (or None) per dimension."""
+    return nn.with_logical_partitioning(initializer, names)
+
+
+def layer_norm(dtype: Dtype, name: str) -> nn.LayerNorm:
+    """A LayerNorm over the residual width; its statistics are float32 whatever `dtype` is."""
+    return nn.LayerNorm(
+        dtype=dtype,
+        scale_init=partitioned(nn.initializers.ones, "embed"),
+        bias_init=partitioned(nn.initializers.zeros, "embed"),
+        name=name,
+    )
+
+
+class AttentionProjection(nn.Module):
+    """einsum(x, kernel) + bias: attention's q/k/v ([W] -> [heads, kv]) and output ([heads, kv] -> [W]).
+
+    Flax's DenseGeneral initialises such a kernel on a flattened 2-D shape and unboxes it
+    before reshaping, which applies the 3-name logical constraint to a rank-2 array whenever
+    a mesh is active; and Linen re-runs initializers under eval_shape in every `apply` to
+    check shapes, so every sharded step would fail. Here the kernel is made at its true shape.
+    """
+
+    equation: str  # e.g. "btw,whk->bthk"
+    kernel_shape: tuple[int, ...]
+    kernel_names: tuple
+    fan_in_axes: tuple[int, ...]  # the kernel axes that contract with x
+    bias_names: tuple  # the bias spans the kernel's trailing len(bias_names) axes
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x):
+        fan_out_axes = tuple(i for i in range(len(self.kernel_shape)) if i not in self.fan_in_axes)
+        kernel_init = nn.initializers.lecun_normal(in_axis=self.fan_in_axes, out_axis=fan_out_axes)
+        kernel = self.param("kernel", partitioned(kernel_init, *self.kernel_names), self.kernel_shape)
+        bias_shape = self.kernel_shape[len(self.kernel_shape) - len(self.bias_names) :]
+        bias = self.param("bias", partitioned(nn.initializers.zeros, *self.bias_names), bias_shape)
+        x, kernel, bias = nn.dtypes.promote_dtype(x, kernel, bias, dtype=self.dtype)
+        return jnp.einsum(self.equation, x, kernel) + bias
+
+
+class MultiHeadAttention(nn.Module):
+    """Multi-head dot-product attention, parameters laid out as flax's MultiHeadDotProductAttention:
+    query/key/value kernels [W, heads, kv] with [heads, kv] biases, out kernel [heads, kv, W]."""
+
+    num_heads: int
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, inputs_q, inputs_kv, mask=None):
+        # inputs_q: [B, Tq, W]; inputs_kv: [B, Tk, W]; mask: [B, 1, Tq, Tk] (True = may attend) or None.
+        width = inputs_q.shape[-1]
+        heads = (self.num_heads, width // self.num_heads)
+
+        def split_heads(name, x):  # [B, T, W] -> [B, T, heads, kv]
+            return AttentionProjection(
+                equation="btw,whk->bthk",
+                kernel_shape=(width, *heads),
+                kernel_names=("embed", "heads", "kv"),
+                fan_in_axes=(0,),
+                bias_names=("heads", "kv"),
+                dtype=self.dtype,
+                name=name,
+            )(x)
+
+        query = split_heads("query", inputs_q)
+        key, value = split_heads("key", inputs_kv), split_heads("value", inputs_kv)
+        y = nn.dot_product_attention(
+            query,
+            key,
+            value,
+            mask=mask,
+            dtype=self.dtype,
+            force_fp32_for_softmax=True,  # a bfloat16 softmax over long rows loses too much
+        )  # [B, Tq, heads, kv]
+        return AttentionProjection(
+            equation="bthk,hkw->btw",
+            kernel_shape=(*heads, width),
+            kernel_names=("heads", "kv", "embed"),
+            fan_in_axes=(0, 1),
+            bias_names=("embed",),
+            dtype=self.dtype,
+            name="out",
+        )(y)
 
 
 class MlpBlock(nn.Module):
@@ -16,53 +120,108 @@ class MlpBlock(nn.Module):
 
     mlp_dim: int
     dropout_rate: float = 0.0
+    dtype: Dtype = jnp.float32
 
     @nn.compact
     def __call__(self, x, *, deterministic: bool):
+        # x: [B, T, W] -> [B, T, W], through [B, T, mlp_dim].
         width = x.shape[-1]
-        x = nn.Dense(self.mlp_dim, name="fc1")(x)
+        kernel_init = nn.initializers.lecun_normal()
+        x = nn.Dense(
+            self.mlp_dim,
+            dtype=self.dtype,
+            kernel_init=partitioned(kernel_init, "embed", "mlp"),
+            bias_init=partitioned(nn.initializers.zeros, "mlp"),
+            name="fc1",
+        )(x)
         x = nn.gelu(x)
         x = nn.Dropout(self.dropout_rate)(x, deterministic=deterministic)
-        return nn.Dense(width, name="fc2")(x)
+        return nn.Dense(
+            width,
+            dtype=self.dtype,
+            kernel_init=partitioned(kernel_init, "mlp", "embed"),
+            bias_init=partitioned(nn.initializers.zeros, "embed"),
+            name="fc2",
+        )(x)
 
 
 class EncoderBlock(nn.Module):
-    """One pre-LN Transformer block: self-attention then MLP, each residual."""
+    """One pre-LN Transformer block: self-attention then MLP, each residual.
+
+    `deterministic` is an attribute rather than a call argument so that it stays a
+    Python bool under `nn.remat` and `nn.scan`. The call returns (x, None), the
+    (carry, per-step output) pair `nn.scan` expects of its body.
+    """
 
     num_heads: int
     mlp_dim: int
     dropout_rate: float = 0.0
+    dtype: Dtype = jnp.float32
+    deterministic: bool = True
 
     @nn.compact
-    def __call__(self, x, mask: Optional[jnp.ndarray], *, deterministic: bool):
+    def __call__(self, x, mask: Optional[jnp.ndarray]):
         # x: [B, T, W]; mask: [B, 1, T, T] booleans (True = may attend) or None.
-        y = nn.LayerNorm(name="ln_attention")(x)
-        y = nn.MultiHeadDotProductAttention(num_heads=self.num_heads, name="attention")(
-            y, y, mask=mask, deterministic=True
-        )
-        y = nn.Dropout(self.dropout_rate)(y, deterministic=deterministic)
+        y = layer_norm(self.dtype, "ln_attention")(x)
+        y = MultiHeadAttention(self.num_heads, self.dtype, name="attention")(y, y, mask)
+        y = nn.Dropout(self.dropout_rate)(y, deterministic=self.deterministic)
         x = x + y
-        y = nn.LayerNorm(name="ln_mlp")(x)
-        y = MlpBlock(self.mlp_dim, self.dropout_rate, name="mlp")(y, deterministic=deterministic)
-        y = nn.Dropout(self.dropout_rate)(y, deterministic=deterministic)
-        return x + y
+        y = layer_norm(self.dtype, "ln_mlp")(x)
+        y = MlpBlock(self.mlp_dim, self.dropout_rate, self.dtype, name="mlp")(
+            y, deterministic=self.deterministic
+        )
+        y = nn.Dropout(self.dropout_rate)(y, deterministic=self.deterministic)
+        x = nn.with_logical_constraint(x + y, ("batch", "length", "embed_act"))
+        return x, None
 
 
 class Encoder(nn.Module):
-    """A stack of `depth` encoder blocks followed by a final LayerNorm."""
+    """A stack of `depth` encoder blocks followed by a final LayerNorm.
+
+    `remat` (a REMAT_POLICIES key) recomputes each block's activations in the
+    backward pass, saving memory. `scan_layers` runs the blocks as one `nn.scan`
+    over parameters stacked on a leading "layers" axis: one block to compile
+    instead of `depth`. Parameters: `block0`..`block{depth-1}`, or `blocks` when scanned.
+    """
 
     depth: int
     num_heads: int
     mlp_dim: int
     dropout_rate: float = 0.0
+    dtype: Dtype = jnp.float32
+    remat: str = "none"
+    scan_layers: bool = False
 
     @nn.compact
     def __call__(self, x, mask=None, *, deterministic: bool = True):
-        for i in range(self.depth):
-            x = EncoderBlock(
-                self.num_heads, self.mlp_dim, self.dropout_rate, name=f"block{i}"
-            )(x, mask, deterministic=deterministic)
-        return nn.LayerNorm(name="ln_final")(x)
+        # x: [B, T, W] -> [B, T, W]; mask: [B, 1, T, T] or None.
+        if self.remat not in REMAT_POLICIES:
+            raise ValueError(f"unknown remat policy {self.remat!r}; use one of {tuple(REMAT_POLICIES)}")
+        block = EncoderBlock
+        if self.remat != "none":
+            # Inside a scan the loop already keeps XLA from merging the recomputation away.
+            block = nn.remat(block, policy=REMAT_POLICIES[self.remat], prevent_cse=not self.scan_layers)
+        settings = dict(
+            num_heads=self.num_heads,
+            mlp_dim=self.mlp_dim,
+            dropout_rate=self.dropout_rate,
+            dtype=self.dtype,
+            deterministic=deterministic,
+        )
+        if self.scan_layers:
+            blocks = nn.scan(
+                block,
+                variable_axes={"params": 0},
+                split_rngs={"params": True, "dropout": True},
+                in_axes=nn.broadcast,  # every block sees the same mask
+                length=self.depth,
+                metadata_params={nn.PARTITION_NAME: "layers"},
+            )
+            x, _ = blocks(**settings, name="blocks")(x, mask)
+        else:
+            for i in range(self.depth):
+                x, _ = block(**settings, name=f"block{i}")(x, mask)
+        return layer_norm(self.dtype, "ln_final")(x)
 
 
 class AttentionPool(nn.Module):
@@ -70,16 +229,17 @@ class AttentionPool(nn.Module):
 
     num_heads: int
     mlp_dim: int
+    dtype: Dtype = jnp.float32
 
     @nn.compact
     def __call__(self, x, mask=None):
         # x: [B, T, W] -> [B, W]; mask: [B, 1, 1, T] or None.
         batch, _, width = x.shape
-        probe = self.param("probe", nn.initializers.xavier_uniform(), (1, 1, width))
-        probe = jnp.broadcast_to(probe, (batch, 1, width)).astype(x.dtype)
-        pooled = nn.MultiHeadDotProductAttention(num_heads=self.num_heads, name="attention")(
-            probe, x, mask=mask
+        probe = self.param(
+            "probe", partitioned(nn.initializers.xavier_uniform(), None, None, "embed"), (1, 1, width)
         )
-        y = nn.LayerNorm(name="ln")(pooled)
-        pooled = pooled + MlpBlock(self.mlp_dim, name="mlp")(y, deterministic=True)
+        probe = jnp.broadcast_to(probe, (batch, 1, width)).astype(self.dtype)  # [B, 1, W]
+        pooled = MultiHeadAttention(self.num_heads, self.dtype, name="attention")(probe, x, mask)
+        y = layer_norm(self.dtype, "ln")(pooled)
+        pooled = pooled + MlpBlock(self.mlp_dim, dtype=self.dtype, name="mlp")(y, deterministic=True)
         return pooled[:, 0]

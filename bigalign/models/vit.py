@@ -1,48 +1,80 @@
-"""Vision Transformer image tower (Dosovitskiy et al., 2021).
+"""Vision Transformer image tower (Dosovitskiy et al., 2021), the patch encoder audio reuses.
 
-image [B, H, W, 3] -> non-overlapping patches -> linear embedding + learned
+image [B, H, W, C] -> non-overlapping patches -> linear embedding + learned
 positions -> pre-LN Transformer -> one vector per image [B, width], pooled by
 `gap` (mean of patch tokens), `cls` (a prepended class token) or `map`
-(attention pooling, as in SigLIP).
+(attention pooling, as in SigLIP). Nothing here is specific to photographs:
+`audio.AudioTransformer` runs the same module on spectrograms.
 """
+
+from typing import Union
 
 import flax.linen as nn
 import jax.numpy as jnp
 
-from bigalign.models.transformer import AttentionPool, Encoder
+from bigalign.models.transformer import AttentionPool, Dtype, Encoder, partitioned
 
 POOLINGS = ("gap", "cls", "map")
 
 
 class VisionTransformer(nn.Module):
-    patch_size: int
+    """A patch encoder over [B, H, W, C]; `patch_size` is an int (square) or (rows, cols)."""
+
+    patch_size: Union[int, tuple[int, int]]
     width: int
     depth: int
     num_heads: int
     mlp_dim: int
     pool: str = "gap"
     dropout_rate: float = 0.0
+    dtype: Dtype = jnp.float32
+    remat: str = "none"
+    scan_layers: bool = False
+
+    def as_image(self, inputs):
+        """The [B, H, W, C] grid to cut into patches; subclasses adapt other inputs."""
+        return inputs
 
     @nn.compact
-    def __call__(self, images, *, deterministic: bool = True):
+    def __call__(self, inputs, *, deterministic: bool = True):
         if self.pool not in POOLINGS:
-            raise ValueError(f"unknown image pooling {self.pool!r}; use one of {POOLINGS}")
-        p = self.patch_size
-        x = nn.Conv(self.width, (p, p), strides=(p, p), padding="VALID", name="patch_embed")(images)
+            raise ValueError(f"unknown pooling {self.pool!r}; use one of {POOLINGS}")
+        patch = (self.patch_size,) * 2 if isinstance(self.patch_size, int) else tuple(self.patch_size)
+        x = nn.Conv(
+            self.width,
+            patch,
+            strides=patch,
+            padding="VALID",
+            dtype=self.dtype,
+            kernel_init=partitioned(nn.initializers.lecun_normal(), None, None, None, "embed"),
+            bias_init=partitioned(nn.initializers.zeros, "embed"),
+            name="patch_embed",
+        )(self.as_image(inputs))
         batch, rows, cols, width = x.shape
         x = x.reshape(batch, rows * cols, width)  # [B, T, W]
         positions = self.param(
-            "position_embedding", nn.initializers.normal(stddev=0.02), (1, rows * cols, width)
+            "position_embedding",
+            partitioned(nn.initializers.normal(stddev=0.02), None, None, "embed"),
+            (1, rows * cols, width),
         )
-        x = x + positions
+        x = x + positions.astype(self.dtype)
         if self.pool == "cls":
-            cls = self.param("cls_token", nn.initializers.zeros, (1, 1, width))
-            x = jnp.concatenate([jnp.broadcast_to(cls, (batch, 1, width)), x], axis=1)
-        x = Encoder(self.depth, self.num_heads, self.mlp_dim, self.dropout_rate, name="encoder")(
-            x, deterministic=deterministic
-        )
+            cls = self.param(
+                "cls_token", partitioned(nn.initializers.zeros, None, None, "embed"), (1, 1, width)
+            )
+            x = jnp.concatenate([jnp.broadcast_to(cls.astype(self.dtype), (batch, 1, width)), x], axis=1)
+        x = Encoder(
+            self.depth,
+            self.num_heads,
+            self.mlp_dim,
+            self.dropout_rate,
+            dtype=self.dtype,
+            remat=self.remat,
+            scan_layers=self.scan_layers,
+            name="encoder",
+        )(x, deterministic=deterministic)
         if self.pool == "cls":
             return x[:, 0]
         if self.pool == "map":
-            return AttentionPool(self.num_heads, self.mlp_dim, name="map_head")(x)
+            return AttentionPool(self.num_heads, self.mlp_dim, self.dtype, name="map_head")(x)
         return x.mean(axis=1)

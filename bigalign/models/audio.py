@@ -1,0 +1,18 @@
+"""Audio tower: a Vision Transformer over log-mel spectrograms (AST, Gong et al., 2021).
+
+spectrogram [B, frames, mels] -> non-overlapping (time, frequency) patches ->
+linear embedding + learned positions -> pre-LN Transformer -> one vector per
+clip [B, width], pooled by `gap`, `cls` or `map` as in `vit`. The spectrogram
+is read as a one-channel image, so all of the patch encoder is the ViT's.
+"""
+
+from bigalign.models.vit import POOLINGS, VisionTransformer
+
+__all__ = ["POOLINGS", "AudioTransformer"]
+
+
+class AudioTransformer(VisionTransformer):
+    """`patch_size`: an int (square patches) or (frames, mels) per patch; leftover frames are dropped."""
+
+    def as_image(self, spectrograms):
+        return spectrograms[..., None]  # [B, frames, mels] -> [B, frames, mels, 1]

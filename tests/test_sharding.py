@@ -1,0 +1,113 @@
+"""The (data, fsdp) mesh: every mesh shape computes what one device computes, with parameters split."""
+
+import jax
+import numpy as np
+import pytest
+
+from bigalign import config as config_lib, sharding, train
+from bigalign.errors import UserError
+from bigalign.models import towers
+from helpers import assert_trees_close
+
+MESH_SHAPES = [(8, 1), (4, 2), (2, 4), (1, 8)]
+
+
+def build(config, mesh_shape):
+    config.mesh.data, config.mesh.fsdp = mesh_shape
+    config_lib.validate(config)
+    mesh = sharding.make_mesh(config.mesh)
+    model = towers.build_model(
+        config.model, vocab_size=config.text.vocab_size, max_len=config.text.max_len
+    )
+    return mesh, model, train.make_optimizer(config)
+
+
+def embeddings_loss_and_grads(config, mesh, model, state, batch):
+    """(embeddings, loss, gradients) of one batch, jitted on `mesh`."""
+    value_and_grad = train.make_value_and_grad(config, model, mesh)
+
+    def run(params, batch):
+        with sharding.logical_rules(mesh):
+            embeddings = model.apply({"params": params}, batch)["embeddings"]
+        (loss, _), grads = value_and_grad(params, batch, state.rng)
+        return embeddings, loss, grads
+
+    return jax.jit(run)(state.params, sharding.global_batch(batch, mesh))
+
+
+@pytest.fixture(scope="module")
+def reference(request):
+    """A config, batch, single-device state and its results, shared by the mesh shapes."""
+    from conftest import make_tiny_config
+
+    config = make_tiny_config()
+    config.model.image.pool = "map"  # the attention-pooling probe and head get sharded too
+    batch = train.random_batch(config, np.random.default_rng())
+    mesh, model, optimizer = build(config, (1, 1))
+    state = train.create_train_state(config, model, optimizer, mesh)
+    return config, batch, state, embeddings_loss_and_grads(config, mesh, model, state, batch)
+
+
+@pytest.mark.parametrize("mesh_shape", MESH_SHAPES)
+def test_every_mesh_shape_matches_one_device(reference, mesh_shape):
+    config, batch, single_state, (embeddings1, loss1, grads1) = reference
+    mesh, model, optimizer = build(config, mesh_shape)
+    state = jax.device_put(single_state, train.state_shardings(config, model, optimizer, mesh))
+    embeddings, loss, grads = embeddings_loss_and_grads(config, mesh, model, state, batch)
+    np.testing.assert_allclose(loss, loss1, rtol=1e-5)
+    for modality in embeddings1:
+        np.testing.assert_allclose(embeddings[modality], embeddings1[modality], rtol=1e-5, atol=1e-6)
+    assert_trees_close(grads, grads1, rtol=1e-5)
+
+
+@pytest.mark.parametrize("mesh_shape", [(2, 4), (1, 8)])
+def test_parameters_and_optimizer_moments_are_split_over_fsdp(tiny_config, mesh_shape):
+    mesh, model, optimizer = build(tiny_config, mesh_shape)
+    state = train.create_train_state(tiny_config, model, optimizer, mesh)
+    fsdp = mesh_shape[1]
+    matrices = [  # every weight matrix has a model-width dimension, split over fsdp
+        x for path, x in jax.tree_util.tree_leaves_with_path((state.params, state.opt_state))
+        if x.ndim >= 2 and "bias" not in jax.tree_util.keystr(path)  # q/k/v biases: [heads, kv]
+    ]
+    assert len(matrices) > 20
+    for array in matrices:
+        for shard in array.addressable_shards:
+            assert shard.data.size == array.size // fsdp, (array.shape, shard.data.shape)
+    # A train step keeps the layout (parameters are not gathered for good).
+    step = train.make_train_step(
+        tiny_config, model, optimizer, mesh, sharding.shardings_of(state)
+    )
+    batch = sharding.global_batch(train.random_batch(tiny_config, np.random.default_rng()), mesh)
+    new_state, _ = step(state, batch)
+    for path, array in jax.tree_util.tree_leaves_with_path(new_state.params):
+        if array.ndim >= 2 and "bias" not in jax.tree_util.keystr(path):
+            assert array.addressable_shards[0].data.size == array.size // fsdp
+
+
+def test_batch_is_split_over_data_and_fsdp(tiny_config):
+    mesh, _, _ = build(tiny_config, (2, 4))
+    batch = sharding.global_batch(train.random_batch(tiny_config, np.random.default_rng()), mesh)
+    for array in batch.values():
+        rows = {tuple(range(*s.index[0].indices(len(array)))) for s in array.addressable_shards}
+        assert len(rows) == 8  # 8 distinct row blocks, one per device
+
+
+@pytest.mark.parametrize(
+    "mesh, message",
+    [
+        (dict(data=3, fsdp=1), "mesh.data=3 x mesh.fsdp=1 does not fit the 8 devices"),
+        (dict(data=-1, fsdp=3), "mesh.fsdp=3 does not divide the 8 devices"),
+        (dict(data=4, fsdp=4), "mesh.data=4 x mesh.fsdp=4 does not fit the 8 devices"),
+    ],
+)
+def test_mesh_that_does_not_fit_is_a_one_line_error(tiny_config, mesh, message):
+    tiny_config.mesh.update(mesh)
+    with pytest.raises(UserError, match=message):
+        config_lib.validate(tiny_config)
+
+
+def test_width_not_divisible_by_fsdp_is_a_one_line_error(tiny_config):
+    tiny_config.model.text.update(width=36, num_heads=2)
+    tiny_config.mesh.fsdp = 8
+    with pytest.raises(UserError, match=r"model.text.width=36 is not divisible by mesh.fsdp=8"):
+        config_lib.validate(tiny_config)
