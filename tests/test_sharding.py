@@ -111,3 +111,18 @@ def test_width_not_divisible_by_fsdp_is_a_one_line_error(tiny_config):
     tiny_config.mesh.fsdp = 8
     with pytest.raises(UserError, match=r"model.text.width=36 is not divisible by mesh.fsdp=8"):
         config_lib.validate(tiny_config)
+
+
+def test_bf16_remat_scan_on_a_2d_mesh_trains(tiny_config):
+    tiny_config.model.update(compute_dtype="bfloat16", remat="full", scan_layers=True)
+    tiny_config.optimizer.warmup_steps = 0
+    mesh, model, optimizer = build(tiny_config, (2, 4))
+    state = train.create_train_state(tiny_config, model, optimizer, mesh)
+    assert all(x.dtype == np.float32 for x in jax.tree.leaves(state.params))  # master weights
+    step = train.make_train_step(tiny_config, model, optimizer, mesh, sharding.shardings_of(state))
+    batch = sharding.global_batch(train.random_batch(tiny_config, np.random.default_rng()), mesh)
+    losses = []
+    for _ in range(6):
+        state, metrics = step(state, batch)
+        losses.append(float(metrics["train/loss"]))
+    assert all(np.isfinite(losses)) and losses[-1] < 0.9 * losses[0], losses

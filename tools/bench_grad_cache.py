@@ -83,7 +83,7 @@ def main():
         config.grad_cache.num_chunks = num_chunks
         config_lib.validate(config)
         start = time.perf_counter()
-        step = train.make_train_step(config, model, optimizer, mesh)
+        step = train.make_train_step(config, model, optimizer, mesh, sharding.shardings_of(initial))
         steps[num_chunks] = step.lower(initial, batch).compile()
         compile_s[num_chunks] = time.perf_counter() - start
         temp_mib[num_chunks] = steps[num_chunks].memory_analysis().temp_size_in_bytes / MIB
