@@ -106,10 +106,6 @@ def base_config() -> ml_collections.ConfigDict:
     return c
 
 
-def _is_tower(value) -> bool:
-    return isinstance(value, ml_collections.ConfigDict) and "kind" in value
-
-
 def _unknown_keys(config, schema, prefix=""):
     """Yields (dotted key, close valid names) for keys of `config` absent from `schema`.
 
@@ -117,7 +113,7 @@ def _unknown_keys(config, schema, prefix=""):
     """
     for key in config.keys():
         dotted, value = f"{prefix}{key}", config[key]
-        if prefix == "model." and _is_tower(value):
+        if prefix == "model." and towers.is_tower(value):
             if value.kind in TOWER_KINDS:
                 yield from _unknown_keys(value, tower_config(value.kind), prefix=f"{dotted}.")
         elif key not in schema:

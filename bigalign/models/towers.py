@@ -81,14 +81,14 @@ class ContrastiveModel(nn.Module):
         return {"embeddings": embeddings, "logit_scale": jnp.exp(log_scale), "logit_bias": bias}
 
 
+def is_tower(value) -> bool:
+    """Whether a `config.model` entry describes a tower: a sub-ConfigDict with a "kind"."""
+    return isinstance(value, ml_collections.ConfigDict) and "kind" in value
+
+
 def tower_names(model_config: ml_collections.ConfigDict) -> list[str]:
-    """The towers of `config.model`: every sub-ConfigDict with a "kind", in the config's key order
-    (ConfigDict lists keys sorted by name)."""
-    return [
-        name
-        for name, value in model_config.items()
-        if isinstance(value, ml_collections.ConfigDict) and "kind" in value
-    ]
+    """The towers of `config.model`, in the config's key order (ConfigDict sorts keys by name)."""
+    return [name for name, value in model_config.items() if is_tower(value)]
 
 
 def resolve_towers(
