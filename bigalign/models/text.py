@@ -10,7 +10,7 @@ pooling (`map`).
 import flax.linen as nn
 import jax.numpy as jnp
 
-from bigalign.models.transformer import AttentionPool, Dtype, Encoder, partitioned
+from bigalign.models.transformer import AttentionPool, Dtype, partitioned, tower_encoder
 
 POOLINGS = ("last", "first", "map")
 PAD_ID = 0
@@ -52,16 +52,7 @@ class TextTransformer(nn.Module):
         mask = nn.make_attention_mask(is_token, is_token)  # [B, 1, L, L]
         if self.causal:
             mask = nn.combine_masks(mask, nn.make_causal_mask(tokens))
-        x = Encoder(
-            self.depth,
-            self.num_heads,
-            self.mlp_dim,
-            self.dropout_rate,
-            dtype=self.dtype,
-            remat=self.remat,
-            scan_layers=self.scan_layers,
-            name="encoder",
-        )(x, mask, deterministic=deterministic)
+        x = tower_encoder(self)(x, mask, deterministic=deterministic)
         if self.pool == "first":
             return x[:, 0]
         if self.pool == "map":

@@ -224,6 +224,21 @@ class Encoder(nn.Module):
         return layer_norm(self.dtype, "ln_final")(x)
 
 
+def tower_encoder(tower: nn.Module) -> Encoder:
+    """The Encoder of a tower module (ViT, text, audio), from its depth, heads, MLP width,
+    dropout, dtype, remat and scan settings; create it inside the tower's compact method."""
+    return Encoder(
+        tower.depth,
+        tower.num_heads,
+        tower.mlp_dim,
+        tower.dropout_rate,
+        dtype=tower.dtype,
+        remat=tower.remat,
+        scan_layers=tower.scan_layers,
+        name="encoder",
+    )
+
+
 class AttentionPool(nn.Module):
     """Multihead attention pooling ("MAP", Lee et al. 2019): a learned query attends over tokens."""
 

@@ -12,7 +12,7 @@ from typing import Union
 import flax.linen as nn
 import jax.numpy as jnp
 
-from bigalign.models.transformer import AttentionPool, Dtype, Encoder, partitioned
+from bigalign.models.transformer import AttentionPool, Dtype, partitioned, tower_encoder
 
 POOLINGS = ("gap", "cls", "map")
 
@@ -63,16 +63,7 @@ class VisionTransformer(nn.Module):
                 "cls_token", partitioned(nn.initializers.zeros, None, None, "embed"), (1, 1, width)
             )
             x = jnp.concatenate([jnp.broadcast_to(cls.astype(self.dtype), (batch, 1, width)), x], axis=1)
-        x = Encoder(
-            self.depth,
-            self.num_heads,
-            self.mlp_dim,
-            self.dropout_rate,
-            dtype=self.dtype,
-            remat=self.remat,
-            scan_layers=self.scan_layers,
-            name="encoder",
-        )(x, deterministic=deterministic)
+        x = tower_encoder(self)(x, deterministic=deterministic)
         if self.pool == "cls":
             return x[:, 0]
         if self.pool == "map":
