@@ -157,6 +157,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
         config.loss.name in losses.NAMES,
         f"unknown loss.name {config.loss.name!r}; valid: {', '.join(losses.NAMES)}",
     )
+    pipeline.validate(config.data)
     _validate_model(config, require, fsdp=sharding.mesh_shape(config.mesh)[1])
     _validate_pairs(config, require)
 

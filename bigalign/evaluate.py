@@ -60,41 +60,49 @@ def modality_gap(image_embeddings, text_embeddings) -> float:
 
 
 def evaluate(model, params, eval_data: dict, *, pairs, batch_size: int, recall_at=(1, 5)) -> dict:
-    """All metrics on `eval_data`, as {"eval/...": float}.
+    """All metrics on `eval_data` (see `pipeline.eval_data`), as {"eval/...": float}.
 
-    eval_data: {"inputs": {modality: [N, ...]}, "labels": [N], "class_texts": [C, P, L]}.
-    For every modality m other than text, when there is a text tower:
-    `eval/{m}_zeroshot_top1`. For every pair (a, b) of `pairs`: `eval/{a}2{b}_recall@K`,
-    `eval/{b}2{a}_recall@K` and `eval/{a}_{b}_gap`.
+    eval_data["classes"] (zero-shot; needs a text tower): `eval/{m}_zeroshot_top1` for every
+    modality m it holds. eval_data["pairs"] (retrieval): for every pair (a, b) of `pairs`,
+    `eval/{a}2{b}_recall@K`, `eval/{b}2{a}_recall@K` and `eval/{a}_{b}_gap`.
     """
-    inputs = eval_data["inputs"]
-    embeddings = {
-        modality: embed(_tower(model, params, modality), values, batch_size)
-        for modality, values in inputs.items()
-    }
+    towers, embedded = {}, {}
+
+    def embeddings(modality: str, values: np.ndarray) -> np.ndarray:
+        # The same array may serve retrieval and zero-shot: embed it once.
+        key = (modality, id(values))
+        if key not in embedded:
+            if modality not in towers:
+                towers[modality] = _tower(model, params, modality)
+            embedded[key] = embed(towers[modality], values, batch_size)
+        return embedded[key]
+
     results = {}
-    if "text" in inputs:
-        num_classes, num_prompts, max_len = eval_data["class_texts"].shape
-        prompts = embed(_tower(model, params, "text"),
-                        eval_data["class_texts"].reshape(-1, max_len), batch_size)
-        classes = _normalise(prompts.reshape(num_classes, num_prompts, -1).mean(axis=1))
-        for modality in inputs:
-            if modality != "text":
-                results[f"eval/{modality}_zeroshot_top1"] = zeroshot_top1(
-                    embeddings[modality], classes, eval_data["labels"]
-                )
-        # Examples whose captions have identical tokens form one group: retrieving any
-        # of them is correct.
-        _, groups = np.unique(inputs["text"], axis=0, return_inverse=True)
-        groups = groups.reshape(-1)
-    else:
-        groups = np.arange(len(eval_data["labels"]))
-    for first, second in pairs:
-        similarity = embeddings[first] @ embeddings[second].T  # [N, N]
-        for k in recall_at:
-            results[f"eval/{first}2{second}_recall@{k}"] = recall_at_k(similarity, groups, groups, k)
-            results[f"eval/{second}2{first}_recall@{k}"] = recall_at_k(
-                similarity.T, groups, groups, k
+    if "classes" in eval_data:
+        classes = eval_data["classes"]
+        num_classes, num_prompts, max_len = classes["class_texts"].shape
+        prompts = embeddings("text", classes["class_texts"].reshape(-1, max_len))
+        class_embeddings = _normalise(prompts.reshape(num_classes, num_prompts, -1).mean(axis=1))
+        for modality, values in classes["inputs"].items():
+            results[f"eval/{modality}_zeroshot_top1"] = zeroshot_top1(
+                embeddings(modality, values), class_embeddings, classes["labels"]
             )
-        results[f"eval/{first}_{second}_gap"] = modality_gap(embeddings[first], embeddings[second])
+    if "pairs" in eval_data:
+        inputs = eval_data["pairs"]["inputs"]
+        if "text" in inputs:
+            # Examples whose captions have identical tokens form one group: retrieving any
+            # of them is correct.
+            _, groups = np.unique(inputs["text"], axis=0, return_inverse=True)
+            groups = groups.reshape(-1)
+        else:
+            groups = np.arange(len(next(iter(inputs.values()))))
+        for first, second in pairs:
+            a, b = embeddings(first, inputs[first]), embeddings(second, inputs[second])
+            similarity = a @ b.T  # [N, N]
+            for k in recall_at:
+                results[f"eval/{first}2{second}_recall@{k}"] = recall_at_k(similarity, groups, groups, k)
+                results[f"eval/{second}2{first}_recall@{k}"] = recall_at_k(
+                    similarity.T, groups, groups, k
+                )
+            results[f"eval/{first}_{second}_gap"] = modality_gap(a, b)
     return results

@@ -50,10 +50,12 @@ class MetricLogger:
             mfu = f"  MFU {100 * speed['train/mfu']:.1f}%"
         record = self.write(step, {**metrics, **speed})
         eta = datetime.timedelta(seconds=round((self.total_steps - step) / steps_per_second))
+        skipped = record.get("data/skipped", 0)
+        skipped = f"  {skipped} unreadable examples skipped" if skipped else ""
         print(
             f"step {step:>6}/{self.total_steps}  loss {record['train/loss']:.4f}  "
             f"scale {record['train/logit_scale']:.2f}  {steps_per_second:.2f} steps/s  "
-            f"{flops_per_second / 1e12:.3g} TFLOP/s/device{mfu}  ETA {eta}",
+            f"{flops_per_second / 1e12:.3g} TFLOP/s/device{mfu}  ETA {eta}{skipped}",
             flush=True,
         )
 

@@ -24,6 +24,7 @@ import optax
 from bigalign import config as config_lib
 from bigalign import checkpoint, evaluate, flops, grad_cache, losses, sharding
 from bigalign.data import pipeline, tokenizer as tokenizer_lib
+from bigalign.data.skipping import SKIPPED
 from bigalign.errors import UserError
 from bigalign.metrics import MetricLogger, format_table
 from bigalign.models import towers
@@ -317,6 +318,20 @@ def load_initial_towers(config, state: TrainState) -> TrainState:
     return state.replace(params=params)
 
 
+def describe_eval_data(eval_data: dict) -> str:
+    """What was evaluated on, e.g. "1000 held-out pairs; zero-shot over 24 classes on 1000 examples"."""
+    parts = []
+    if "pairs" in eval_data:
+        count = len(next(iter(eval_data["pairs"]["inputs"].values())))
+        parts.append(f"{count} held-out pairs")
+    if "classes" in eval_data:
+        classes = eval_data["classes"]
+        parts.append(f"zero-shot over {len(classes['class_names'])} classes on "
+                     f"{len(classes['labels'])} examples (chance "
+                     f"{1 / len(classes['class_names']):.4f})")
+    return "; ".join(parts) or "no held-out data configured (data.eval_name, data.zeroshot_name)"
+
+
 def train_and_evaluate(config, workdir: str) -> dict:
     """Trains to `config.total_steps` (resuming from WORKDIR if it holds a checkpoint), then evaluates.
 
@@ -366,16 +381,21 @@ def train_and_evaluate(config, workdir: str) -> dict:
         flops_per_step=step_flops, num_devices=mesh.size,
         peak_flops_per_device=flops.peak_flops_per_device(jax.devices()[0].device_kind),
     )
-    for step in range(start_step + 1, config.total_steps + 1):
-        batch = sharding.global_batch(next(train_data), mesh)
-        state, metrics = train_step(state, batch)
-        if step % config.log_every == 0 or step == config.total_steps:
-            logger.log_train(step, jax.device_get(metrics))
-        if step % config.checkpoint_every == 0 or step == config.total_steps:
-            checkpointer.save(step, state, train_data)
-    checkpointer.wait()
-    checkpointer.close()
-    train_data.close()  # stops the prefetch thread or worker processes
+    skipped = 0  # unreadable examples this process dropped since the last log line
+    try:
+        for step in range(start_step + 1, config.total_steps + 1):
+            host_batch = next(train_data)
+            skipped += host_batch.pop(SKIPPED)
+            state, metrics = train_step(state, sharding.global_batch(host_batch, mesh))
+            if step % config.log_every == 0 or step == config.total_steps:
+                logger.log_train(step, {**jax.device_get(metrics), "data/skipped": skipped})
+                skipped = 0
+            if step % config.checkpoint_every == 0 or step == config.total_steps:
+                checkpointer.save(step, state, train_data)
+        checkpointer.wait()
+    finally:  # also on errors: no stray prefetch thread or worker processes
+        checkpointer.close()
+        train_data.close()
 
     eval_data = pipeline.eval_data(
         config.data, tokenizer, max_len=config.text.max_len, modalities=modalities
@@ -388,9 +408,9 @@ def train_and_evaluate(config, workdir: str) -> dict:
         batch_size=config.eval.batch_size, recall_at=tuple(config.eval.recall_at),
     )
     logger.write(config.total_steps, results)
-    print(f"\nEvaluation on {len(eval_data['labels'])} held-out examples "
-          f"(zero-shot chance: {1 / len(eval_data['class_names']):.4f})")
-    print(format_table(results), flush=True)
+    print(f"\nEvaluation: {describe_eval_data(eval_data)}")
+    if results:
+        print(format_table(results), flush=True)
     return results
 
 

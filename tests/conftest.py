@@ -38,3 +38,12 @@ def make_tiny_config():
 @pytest.fixture
 def tiny_config():
     return make_tiny_config()
+
+
+@pytest.fixture(scope="session")
+def tokenizer(tmp_path_factory):
+    """A whole-word sentencepiece model of the shapes captions (128 pieces)."""
+    from bigalign.data import synthetic, tokenizer as tokenizer_lib
+
+    path = tmp_path_factory.mktemp("tokenizer") / "tok.model"
+    return tokenizer_lib.train_tokenizer(synthetic.caption_corpus(), str(path), 128)

@@ -43,3 +43,34 @@ def assert_trees_close(actual, expected, *, rtol: float) -> None:
     assert jax.tree.structure(actual) == jax.tree.structure(expected)
     for a, e in zip(jax.tree.leaves(actual), jax.tree.leaves(expected)):
         np.testing.assert_allclose(a, e, rtol=rtol, atol=slack)
+
+
+def random_seed() -> int:
+    """A fresh seed per test run: tests hold for any data, not one lucky draw."""
+    return int(np.random.randint(0, 2**31 - 1))
+
+
+WORDS = ("red", "blue", "green", "cat", "dog", "bird", "on", "a", "the", "grass", "sofa", "sky")
+
+
+def write_image_folder(folder, count: int, rng: np.random.Generator, *, truncated=()) -> str:
+    """`count` random PNGs of varied sizes under folder/images and an open_clip-style CSV
+    index (filepath,caption; paths relative to the CSV). Rows in `truncated` get a PNG cut
+    in half. Returns the CSV's path."""
+    from PIL import Image
+
+    (folder / "images").mkdir(parents=True, exist_ok=True)
+    rows = ["filepath,caption"]
+    for i in range(count):
+        height, width = (int(v) for v in rng.integers(24, 64, size=2))
+        pixels = rng.integers(0, 256, size=(height, width, 3), dtype=np.uint8)
+        path = folder / "images" / f"{i:04d}.png"
+        Image.fromarray(pixels).save(path)
+        if i in truncated:
+            data = path.read_bytes()
+            path.write_bytes(data[: len(data) // 2])
+        caption = " ".join(rng.choice(WORDS, size=int(rng.integers(3, 7))))
+        rows.append(f"images/{i:04d}.png,{caption}")
+    index = folder / "index.csv"
+    index.write_text("\n".join(rows) + "\n")
+    return str(index)

@@ -7,6 +7,7 @@ import pytest
 from bigalign import sharding, train
 from bigalign.checkpoint import Checkpointer
 from bigalign.data import pipeline, tokenizer as tokenizer_lib
+from bigalign.data.skipping import SKIPPED
 from bigalign.errors import UserError
 from bigalign.models.towers import build_model
 from helpers import make_step
@@ -36,7 +37,8 @@ def build(config, tmp_path, init_seed):
 def test_save_restore_round_trips_state_and_data_position(tiny_config, tmp_path):
     mesh, state, data, step = build(tiny_config, tmp_path, init_seed=1)
     for _ in range(3):
-        state, _ = step(state, sharding.global_batch(next(data), mesh))
+        inputs = {key: value for key, value in next(data).items() if key != SKIPPED}
+        state, _ = step(state, sharding.global_batch(inputs, mesh))
     checkpointer = Checkpointer(str(tmp_path / "ckpt"))
     checkpointer.save(3, state, data)
     checkpointer.wait()

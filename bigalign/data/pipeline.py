@@ -2,11 +2,18 @@
 
 Training (per JAX process):
     source -> shuffle -> repeat (each epoch reshuffled) -> this process's shard
-    -> augment (per example, seeded by its position) -> batch
+    -> per example: decode, augment, pick a caption (seeded by its position)
+    -> drop unreadable examples (counted, bounded: skipping.py) -> batch
     -> tokenize / normalise / log-mel (per batch, vectorised) -> prefetch (thread or processes)
 Every step is a pure function of (seed, position), so the iterator's state is a
 few integers: `grain.checkpoint.CheckpointSave(iterator)` saves it with the train
 state, and a restored iterator yields exactly the batches an uninterrupted run would.
+
+Sources are named by spec strings (sources.py): the built-in "shapes", "tfds:NAME",
+"csv:PATH", "array_record:GLOB". Shapes images are rendered at the model's size and
+get a light photometric jitter (no crops or flips: captions name positions); other
+images get a random-resized crop and a flip in training and a centre crop in
+evaluation (images.py).
 
 Each batch holds exactly the requested modalities (`MODALITIES` names them all):
 - "image": float32 [b, H, W, 3], normalised to [-1, 1]: (x / 255 - 0.5) / 0.5.
@@ -14,7 +21,8 @@ Each batch holds exactly the requested modalities (`MODALITIES` names them all):
 - "audio": float32 [b, frames, mels], the log-mel spectrogram (`audio.log_mel_spectrogram`)
   standardised with fixed constants, (x - AUDIO_LOG_MEL_MEAN) / AUDIO_LOG_MEL_STD, so that
   training and evaluation see the same values whatever the batch.
-Sounds are only synthesised when "audio" is requested.
+plus, in training, "skipped": the number of unreadable examples dropped while this
+batch was assembled. Sounds are only synthesised when "audio" is requested.
 """
 
 import grain
@@ -23,13 +31,12 @@ import ml_collections
 import numpy as np
 from absl import flags
 
-from bigalign.data import audio, synthetic
+from bigalign.data import audio, images, sources, synthetic
+from bigalign.data.skipping import SKIPPED, SkipCounter, SkipUnreadable
 from bigalign.data.tokenizer import Tokenizer
 from bigalign.errors import UserError
 
-MODALITIES = ("image", "text", "audio")
-# data.name -> the modalities its examples provide.
-DATASETS = {"shapes": MODALITIES}
+MODALITIES = sources.ALL_MODALITIES
 # Mean and standard deviation of the shapes sounds' log-mel values at the default audio
 # config (-11.70 and 1.94 over 4000 training clips, before augmentation), rounded; fixed
 # so that every spectrogram, in training and evaluation, is standardised the same way.
@@ -40,21 +47,45 @@ AUDIO_LOG_MEL_STD = 1.9
 AUDIO_GAIN_DB = 2.0
 # Held-out examples prepared at once by `eval_data` (bounds its working memory).
 EVAL_CHUNK = 1024
+# Threads decoding held-out images (PIL releases the GIL while decoding and resizing).
+EVAL_THREADS = 8
 # Batches the background thread keeps ready when num_workers == 0.
 THREAD_PREFETCH_BATCHES = 2
+# At most this many training examples' captions train a tokenizer (evenly spaced).
+TOKENIZER_CORPUS_EXAMPLES = 100_000
 
 
 def default_config() -> ml_collections.ConfigDict:
     """The `data` section of a bigalign config, with defaults for the CPU demo."""
     return ml_collections.ConfigDict(
         dict(
-            name="shapes",
+            # Sources (see sources.py): "shapes", "tfds:NAME", "csv:PATH", "array_record:GLOB".
+            name="shapes",  # the training pairs
+            train_split="train",  # tfds split of the training pairs
+            eval_name="",  # held-out pairs for retrieval; "": shapes or `name` at eval_split (tfds)
+            eval_split="test",  # tfds split of the held-out pairs
+            zeroshot_name="",  # labelled images for zero-shot ("tfds:cifar10"); "": shapes only
+            zeroshot_split="test",
             image_size=32,
-            num_train=20000,
-            num_eval=1000,
-            seed=0,  # what the examples look like; the training seed only orders them
+            num_train=20000,  # shapes only: size of its training split
+            num_eval=1000,  # held-out examples: shapes' eval split; elsewhere the first this many
+            seed=0,  # what the shapes examples look like; the training seed only orders them
             num_workers=0,  # >0: that many grain worker processes; 0: one background thread
             augment=True,
+            crop_scale=(0.9, 1.0),  # random-resized crop: range of the area fraction kept
+            crop_ratio=(3 / 4, 4 / 3),  # ... and of its aspect ratio
+            flip=True,  # random horizontal flips (not on shapes: captions name left and right)
+            max_skipped_fraction=0.01,  # unreadable examples tolerated before the run stops
+            # tfds features (nested: "captions/text"); a ClassLabel text_key gives prompt captions.
+            image_key="image",
+            text_key="caption",
+            label_key="label",
+            tfds_data_dir="",  # "": tfds' default (~/tensorflow_datasets or $TFDS_DATA_DIR)
+            csv_image_column="filepath",
+            csv_text_column="caption",
+            csv_separator="",  # "": tab for .tsv, comma otherwise
+            class_names="",  # a file with one zero-shot class name per line (overrides tfds')
+            prompts=(),  # zero-shot prompt templates with one "{}"; (): sources.DEFAULT_PROMPTS
             audio=dict(
                 sample_rate=8000,  # Hz of the synthesised waveforms
                 clip_seconds=0.5,  # length of a clip: 4000 samples at 8 kHz
@@ -66,21 +97,32 @@ def default_config() -> ml_collections.ConfigDict:
     )
 
 
-def _check_dataset_name(data_config) -> None:
-    if data_config.name not in DATASETS:
-        raise UserError(f"unknown data.name {data_config.name!r}; valid: {', '.join(DATASETS)}")
+def validate(data_config) -> None:
+    """Checks the values of the data section (config.validate checks its keys)."""
+    for key in ("name", "eval_name", "zeroshot_name"):
+        if data_config[key] or key == "name":
+            sources.parse(data_config[key])
+    low, high = data_config.crop_scale
+    if not 0 < low <= high <= 1:
+        raise UserError(f"data.crop_scale={tuple(data_config.crop_scale)} must be (low, high) "
+                        f"with 0 < low <= high <= 1: fractions of the image area")
+    low, high = data_config.crop_ratio
+    if not 0 < low <= high:
+        raise UserError(f"data.crop_ratio={tuple(data_config.crop_ratio)} must be (low, high) "
+                        f"aspect ratios with 0 < low <= high")
+    if data_config.image_size <= 0:
+        raise UserError(f"data.image_size={data_config.image_size} must be positive")
+    SkipCounter(data_config.max_skipped_fraction)  # checks the fraction
+    sources.prompts(data_config)
 
 
-def _check_modalities(data_config, modalities) -> tuple[str, ...]:
-    """`modalities` as a tuple, after checking that the configured dataset provides each one."""
-    _check_dataset_name(data_config)
-    provided = DATASETS[data_config.name]
+def _check_modalities(spec: str, modalities, key: str = "data.name") -> tuple[str, ...]:
+    """`modalities` as a tuple, after checking that the source `spec` provides each one."""
+    provided = sources.modalities(spec)
     unknown = [m for m in modalities if m not in provided]
     if unknown or not modalities:
         problem = f"unknown modalities {unknown}" if unknown else "no modalities"
-        raise UserError(
-            f"{problem} for data.name={data_config.name!r}; valid: {', '.join(provided)}"
-        )
+        raise UserError(f"{problem} for {key}={spec!r}; valid: {', '.join(provided)}")
     return tuple(modalities)
 
 
@@ -101,11 +143,11 @@ def _spectrogram_options(data_config) -> dict:
 
 
 def input_shapes(data_config, *, max_len: int) -> dict:
-    """Per-example shape (no batch dimension) of each modality the dataset provides.
+    """Per-example shape (no batch dimension) of each modality the training source provides.
 
     {"image": (H, W, 3), "text": (max_len,), "audio": (frames, mels)}
     """
-    _check_dataset_name(data_config)
+    provided = sources.modalities(data_config.name)
     options = _spectrogram_options(data_config)
     frames = audio.num_frames(
         _clip_samples(data_config), options["frame_length"], options["hop_length"]
@@ -121,33 +163,92 @@ def input_shapes(data_config, *, max_len: int) -> dict:
         "text": (max_len,),
         "audio": (frames, options["num_mel_bins"]),
     }
-    return {m: shapes[m] for m in DATASETS[data_config.name]}
+    return {m: shapes[m] for m in provided}
 
 
-def _source(data_config, split: str, *, with_audio: bool):
-    """The random-access source of one split of the configured dataset."""
-    _check_dataset_name(data_config)
-    num_examples = data_config.num_train if split == "train" else data_config.num_eval
-    return synthetic.ShapesSource(
-        split,
-        num_examples=num_examples,
-        image_size=data_config.image_size,
-        seed=data_config.seed,
-        with_audio=with_audio,
-        sample_rate=data_config.audio.sample_rate,
-        clip_samples=_clip_samples(data_config),
-    )
+def _captions(example: dict) -> list[str]:
+    captions = example["caption"]
+    return [captions] if isinstance(captions, str) else list(captions)
+
+
+def _unreadable(example: dict, reason: str) -> dict:
+    return {"origin": example["origin"], "error": reason}
+
+
+class TrainView(grain.transforms.RandomMap):
+    """Raw example -> {"image": uint8 [S, S, 3], "caption": one of its captions, "origin"}.
+
+    With data.augment a random-resized crop and flip, else the eval centre crop.
+    Unreadable images become {"origin", "error"} for SkipUnreadable to drop.
+    """
+
+    def __init__(self, data_config):
+        self.size = data_config.image_size
+        self.augment = data_config.augment
+        self.crop = dict(scale=tuple(data_config.crop_scale), ratio=tuple(data_config.crop_ratio),
+                         flip=data_config.flip)
+
+    def random_map(self, example: dict, rng: np.random.Generator) -> dict:
+        if "error" in example:
+            return example
+        captions = _captions(example)
+        if not captions:
+            return _unreadable(example, "no caption")
+        try:
+            if self.augment:
+                image = images.train_view(example["image"], self.size, rng, **self.crop)
+            else:
+                image = images.eval_view(example["image"], self.size)
+        except images.ImageError as error:
+            return _unreadable(example, str(error))
+        caption = captions[int(rng.integers(len(captions)))]
+        return {"image": image, "caption": caption, "origin": example["origin"]}
+
+
+class EvalView(grain.transforms.Map):
+    """Raw example -> its centre-cropped image, first caption and label (those it has)."""
+
+    def __init__(self, image_size: int):
+        self.size = image_size
+
+    def map(self, example: dict) -> dict:
+        if "error" in example:
+            return example
+        view = {"origin": example["origin"]}
+        if "label" in example:
+            view["label"] = example["label"]
+        if "caption" in example:
+            captions = _captions(example)
+            if not captions:
+                return _unreadable(example, "no caption")
+            view["caption"] = captions[0]
+        try:
+            view["image"] = images.eval_view(example["image"], self.size)
+        except images.ImageError as error:
+            return _unreadable(example, str(error))
+        return view
 
 
 def tokenizer_corpus(data_config) -> list[str]:
-    """Texts to train this dataset's tokenizer on (for shapes: every possible caption)."""
-    _check_dataset_name(data_config)
-    return synthetic.caption_corpus()
+    """Texts to train a tokenizer on: the training captions (for shapes: every possible
+    caption; for large sources an even sample) and the zero-shot class prompts."""
+    if sources.parse(data_config.name)[0] == "shapes":
+        return synthetic.caption_corpus()
+    source = sources.open_source(data_config, data_config.name, data_config.train_split)
+    if hasattr(source, "captions"):  # CSV and ArrayRecord read captions without images
+        texts = source.captions()
+    else:
+        stride = max(1, len(source) // TOKENIZER_CORPUS_EXAMPLES)
+        texts = [text for i in range(0, len(source), stride) for text in _captions(source[i])]
+    if data_config.zeroshot_name:
+        names = _class_names(_zeroshot_source(data_config, data_config.zeroshot_name))
+        texts += [t.format(n) for n in names for t in sources.prompts(data_config)]
+    return texts
 
 
-def normalise_images(images: np.ndarray) -> np.ndarray:
+def normalise_images(pixels: np.ndarray) -> np.ndarray:
     """uint8 [..., H, W, 3] -> float32 in [-1, 1]."""
-    return images.astype(np.float32) * np.float32(2 / 255) - np.float32(1)
+    return pixels.astype(np.float32) * np.float32(2 / 255) - np.float32(1)
 
 
 def jitter_photometric(example: dict, rng: np.random.Generator) -> dict:
@@ -194,7 +295,10 @@ class PrepareBatch(grain.transforms.Map):
         return normalise_audio(batch["audio"], self.spectrogram_options)
 
     def map(self, batch: dict) -> dict:
-        return {modality: self._prepare(modality, batch) for modality in self.modalities}
+        prepared = {modality: self._prepare(modality, batch) for modality in self.modalities}
+        if SKIPPED in batch:
+            prepared[SKIPPED] = int(np.sum(batch[SKIPPED]))
+        return prepared
 
 
 def per_process_batch_size(global_batch_size: int) -> int:
@@ -219,23 +323,28 @@ def train_dataset(
 ) -> grain.IterDataset:
     """The endless training stream of this process's batches (see the module docstring).
 
-    Yields dicts with exactly the keys `modalities` (any of MODALITIES), each with a
-    leading batch dimension b = global_batch_size // jax.process_count().
+    Yields dicts with the keys `modalities` (any of MODALITIES), each with a leading
+    batch dimension b = global_batch_size // jax.process_count(), and "skipped".
     """
-    modalities = _check_modalities(data_config, modalities)
+    modalities = _check_modalities(data_config.name, modalities)
     batch_size = per_process_batch_size(global_batch_size)
-    source = _source(data_config, "train", with_audio="audio" in modalities)
+    source = sources.open_source(data_config, data_config.name, data_config.train_split,
+                                 with_audio="audio" in modalities)
     # shuffle before repeat: the shuffle seed is folded with the epoch, so epochs differ.
     examples = grain.MapDataset.source(source).seed(seed).shuffle().repeat()
     # Process p takes examples p, p + P, p + 2P, ... of the shared global order.
     examples = examples[jax.process_index() :: jax.process_count()]
-    if data_config.augment:  # each rng is seeded by (seed, position, which transform)
+    # Each rng is seeded by (seed, position, which transform).
+    if sources.parse(data_config.name)[0] != "shapes":
+        examples = examples.random_map(TrainView(data_config))
+    elif data_config.augment:
         if "image" in modalities:
             examples = examples.random_map(jitter_photometric)
         if "audio" in modalities:
             examples = examples.random_map(jitter_gain)
     # The stream is rendered on one thread per process: threads would contend for the GIL.
     batches = examples.to_iter_dataset(grain.ReadOptions(num_threads=0, prefetch_buffer_size=0))
+    batches = SkipUnreadable(batches, data_config.max_skipped_fraction)
     batches = batches.batch(batch_size, drop_remainder=True)
     batches = batches.map(
         PrepareBatch(tokenizer, max_len, modalities, _spectrogram_options(data_config))
@@ -257,28 +366,110 @@ def _mark_absl_flags_parsed() -> None:
         flags.FLAGS.mark_as_parsed()
 
 
-def eval_data(data_config, tokenizer: Tokenizer, *, max_len: int, modalities=("image", "text")):
-    """The whole held-out split as numpy arrays, plus tokenised class prompts for zero-shot.
+def _eval_spec(data_config) -> str:
+    """The held-out pairs' source: data.eval_name, else shapes or the tfds training set."""
+    if data_config.eval_name:
+        return data_config.eval_name
+    kind, _ = sources.parse(data_config.name)
+    return data_config.name if kind in ("shapes", "tfds") else ""
 
-    Returns {"inputs": {modality: [N, ...]} (the `modalities`, prepared as in training
-    but without augmentation; "text" holds each example's caption), "labels": int32 [N],
-    "class_texts": int32 [C, P, max_len] (P prompts per class), "class_names": C strings}.
-    """
-    modalities = _check_modalities(data_config, modalities)
-    source = _source(data_config, "eval", with_audio="audio" in modalities)
+
+def _zeroshot_source(data_config, spec: str, modalities=("image",)):
+    return sources.open_source(data_config, spec, data_config.zeroshot_split, role="classes",
+                               with_audio="audio" in modalities)
+
+
+def _held_out_examples(data_config, source, spec: str) -> list[dict]:
+    """The first data.num_eval readable examples of `source`, images centre-cropped."""
+    examples = grain.MapDataset.source(source)[: data_config.num_eval]
+    if sources.parse(spec)[0] != "shapes":  # shapes are rendered at the model's size
+        examples = examples.map(EvalView(data_config.image_size))
+    counter = SkipCounter(data_config.max_skipped_fraction)
+    read = examples.to_iter_dataset(grain.ReadOptions(num_threads=EVAL_THREADS))
+    kept = [example for example in read if not counter.is_bad(example)]
+    if not kept:
+        raise UserError(f"the held-out data {spec!r} has no readable examples")
+    return kept
+
+
+def _prepare_held_out(examples: list[dict], prepare: PrepareBatch) -> dict:
+    """Model inputs {modality: [N, ...]} of `examples`, prepared EVAL_CHUNK at a time."""
+    chunks = []
+    for start in range(0, len(examples), EVAL_CHUNK):
+        chunk = examples[start : start + EVAL_CHUNK]
+        keys = [key for key in ("image", "caption", "audio") if key in chunk[0]]
+        chunks.append(prepare.map({key: np.stack([e[key] for e in chunk]) for key in keys}))
+    return {m: np.concatenate([chunk[m] for chunk in chunks]) for m in prepare.modalities}
+
+
+def _class_names(source) -> list[str]:
+    """The zero-shot class names of a labelled source (shapes: colour x shape)."""
+    names = getattr(source, "class_names", synthetic.CLASS_NAMES)
+    if not names:
+        raise UserError(f"{source!r} has no class names for zero-shot; point data.label_key at a "
+                        f"ClassLabel feature or list them in a data.class_names file")
+    return list(names)
+
+
+def _class_texts(data_config, spec: str, names: list[str]) -> list[list[str]]:
+    """The prompts of each class: [C][P] strings."""
+    if sources.parse(spec)[0] == "shapes":
+        return [synthetic.class_prompts(label) for label in range(len(names))]
+    return [[t.format(name) for t in sources.prompts(data_config)] for name in names]
+
+
+def _zeroshot_data(data_config, tokenizer, max_len, spec, modalities, held_out=None) -> dict:
+    """Zero-shot arrays for the non-text `modalities`; reuses `held_out` (examples, inputs)."""
+    source = _zeroshot_source(data_config, spec, modalities)
     prepare = PrepareBatch(tokenizer, max_len, modalities, _spectrogram_options(data_config))
-    chunks, labels = [], []
-    for start in range(0, len(source), EVAL_CHUNK):
-        examples = [source[i] for i in range(start, min(start + EVAL_CHUNK, len(source)))]
-        batch = {key: np.stack([e[key] for e in examples]) for key in examples[0]}
-        chunks.append(prepare.map(batch))
-        labels.append(batch["label"])
-    prompts = [synthetic.class_prompts(label) for label in range(synthetic.NUM_CLASSES)]
-    num_prompts = len(prompts[0])
+    if held_out is None:
+        examples = _held_out_examples(data_config, source, spec)
+        inputs = _prepare_held_out(examples, prepare)
+    else:
+        examples, inputs = held_out
+    names = _class_names(source)
+    labels = np.array([e["label"] for e in examples], np.int32)
+    if labels.min() < 0 or labels.max() >= len(names):
+        raise UserError(f"{spec!r} has labels up to {labels.max()} but {len(names)} class names; "
+                        f"check data.label_key and data.class_names")
+    prompts = _class_texts(data_config, spec, names)
     class_texts = tokenizer.encode([p for group in prompts for p in group], max_len)
     return {
-        "inputs": {m: np.concatenate([chunk[m] for chunk in chunks]) for m in modalities},
-        "labels": np.concatenate(labels).astype(np.int32),
-        "class_texts": class_texts.reshape(synthetic.NUM_CLASSES, num_prompts, max_len),
-        "class_names": list(synthetic.CLASS_NAMES),
+        "inputs": {m: inputs[m] for m in modalities},
+        "labels": labels,
+        "class_texts": class_texts.reshape(len(names), len(prompts[0]), max_len),
+        "class_names": names,
     }
+
+
+def eval_data(data_config, tokenizer: Tokenizer, *, max_len: int, modalities=("image", "text")):
+    """The held-out arrays for `evaluate.evaluate`, prepared as in training without augmentation.
+
+    Returns a dict with either or both of
+    - "pairs": {"inputs": {modality: [N, ...]}}, the held-out pairs for retrieval
+      (data.eval_name; "text" holds each example's first caption);
+    - "classes": {"inputs": {modality: [M, ...]}, "labels": int32 [M],
+      "class_texts": int32 [C, P, max_len] (P prompts per class), "class_names": C strings},
+      for zero-shot classification (data.zeroshot_name; needs a text tower).
+    """
+    modalities = tuple(modalities)
+    result, held_out = {}, None
+    pairs_spec = _eval_spec(data_config)
+    if pairs_spec:
+        _check_modalities(pairs_spec, modalities,
+                          "data.eval_name" if data_config.eval_name else "data.name")
+        source = sources.open_source(data_config, pairs_spec, data_config.eval_split,
+                                     with_audio="audio" in modalities)
+        prepare = PrepareBatch(tokenizer, max_len, modalities, _spectrogram_options(data_config))
+        examples = _held_out_examples(data_config, source, pairs_spec)
+        held_out = (examples, _prepare_held_out(examples, prepare))
+        result["pairs"] = {"inputs": held_out[1]}
+    zeroshot_spec = data_config.zeroshot_name or ("shapes" if pairs_spec == "shapes" else "")
+    if zeroshot_spec and "text" in modalities:
+        classified = [m for m in modalities if m != "text" and m in sources.modalities(zeroshot_spec)]
+        if classified:
+            reuse = held_out if zeroshot_spec == pairs_spec == "shapes" else None
+            result["classes"] = _zeroshot_data(
+                data_config, tokenizer, max_len, zeroshot_spec, tuple(classified), reuse
+            )
+    return result

@@ -1,0 +1,108 @@
+"""Where examples come from: one spec string per dataset, opened as a random-access source.
+
+Specs (`data.name`, `data.eval_name`, `data.zeroshot_name`):
+- "shapes": the built-in synthetic data (`synthetic.py`), with its own train/eval splits;
+- "tfds:NAME": a prepared tfds dataset (`tfds_source.py`), e.g. "tfds:cifar10",
+  "tfds:coco_captions/2017";
+- "csv:PATH": a CSV/TSV index of image files and captions (`csv_source.py`);
+- "array_record:GLOB": shards written by tools/make_array_record.py (`array_record.py`).
+
+Every source maps an index to a raw example, a dict with some of:
+    "image":   uint8 [H, W, 3], encoded bytes, or a file path (decoded by images.py)
+    "caption": a str, or a list of str (several captions: one is drawn per visit)
+    "label":   int class id (zero-shot sources)
+    "audio":   float32 waveform [S] (shapes only)
+    "origin":  where the example came from, for error messages
+or, when the example cannot be read, just {"origin": ..., "error": reason}.
+"""
+
+from bigalign.data import array_record, csv_source, synthetic, tfds_source
+from bigalign.errors import UserError
+
+KINDS = ("shapes", "tfds", "csv", "array_record")
+ALL_MODALITIES = ("image", "text", "audio")
+# Templates for zero-shot class prompts (and captions from class labels), after CLIP.
+DEFAULT_PROMPTS = (
+    "a photo of a {}.",
+    "a good photo of a {}.",
+    "a photo of the large {}.",
+    "a photo of the small {}.",
+    "a close-up photo of a {}.",
+    "a blurry photo of a {}.",
+)
+
+
+def parse(spec: str) -> tuple[str, str]:
+    """"kind:argument" -> (kind, argument); "shapes" -> ("shapes", "")."""
+    kind, _, argument = spec.partition(":")
+    if kind not in KINDS or (kind == "shapes") == bool(argument):
+        raise UserError(
+            f"unknown data source {spec!r}; use 'shapes', 'tfds:NAME', 'csv:PATH' or "
+            f"'array_record:GLOB'"
+        )
+    return kind, argument
+
+
+def modalities(spec: str) -> tuple[str, ...]:
+    """The modalities that examples of `spec` provide."""
+    kind, _ = parse(spec)
+    return ALL_MODALITIES if kind == "shapes" else ("image", "text")
+
+
+def prompts(data_config) -> tuple[str, ...]:
+    """The zero-shot prompt templates ("a photo of a {}.")."""
+    templates = tuple(data_config.prompts) or DEFAULT_PROMPTS
+    bad = [t for t in templates if t.count("{}") != 1]
+    if bad:
+        raise UserError(f"data.prompts entry {bad[0]!r} must contain '{{}}' exactly once")
+    return templates
+
+
+def class_names_override(data_config) -> list[str]:
+    """The class names from the data.class_names file (one per line), or [] when unset."""
+    if not data_config.class_names:
+        return []
+    try:
+        with open(data_config.class_names, encoding="utf-8") as f:
+            return [line.strip() for line in f if line.strip()]
+    except OSError as error:
+        raise UserError(f"cannot read data.class_names={data_config.class_names!r}: "
+                        f"{error.strerror}; give a text file with one class name per line") from None
+
+
+def open_source(data_config, spec: str, split: str, *, role: str = "pairs",
+                with_audio: bool = False):
+    """The source of `spec` at `split` ("train", or a held-out split name).
+
+    role: "pairs" (image + caption) or "classes" (image + label, for zero-shot).
+    Shapes ignores the split name beyond train vs held out; CSV and ArrayRecord ignore it.
+    """
+    kind, argument = parse(spec)
+    if kind == "shapes":
+        train = split == "train"
+        return synthetic.ShapesSource(
+            "train" if train else "eval",
+            num_examples=data_config.num_train if train else data_config.num_eval,
+            image_size=data_config.image_size,
+            seed=data_config.seed,
+            with_audio=with_audio,
+            sample_rate=data_config.audio.sample_rate,
+            clip_samples=round(data_config.audio.clip_seconds * data_config.audio.sample_rate),
+        )
+    if kind == "tfds":
+        return tfds_source.TfdsSource(
+            argument, split, data_dir=data_config.tfds_data_dir,
+            image_key=data_config.image_key,
+            text_key=data_config.text_key if role == "pairs" else "",
+            label_key=data_config.label_key if role == "classes" else "",
+            prompts=prompts(data_config), class_names=class_names_override(data_config),
+        )
+    if role == "classes":
+        raise UserError(f"data.zeroshot_name={spec!r}: zero-shot needs class labels; use "
+                        f"'shapes' or 'tfds:NAME' (with data.label_key)")
+    if kind == "csv":
+        return csv_source.CsvSource(
+            argument, image_column=data_config.csv_image_column,
+            text_column=data_config.csv_text_column, separator=data_config.csv_separator,
+        )
+    return array_record.ArrayRecordSource(argument)

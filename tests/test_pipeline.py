@@ -1,0 +1,259 @@
+"""Tests for bigalign.data.pipeline on the shapes data: batches, augmentation, sharding, resume, eval."""
+
+import grain
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+
+from bigalign.data import audio, pipeline, synthetic
+from bigalign.errors import UserError
+from helpers import random_seed
+
+
+# --- pipelines --------------------------------------------------------------------
+
+
+def small_config(**overrides):
+    config = pipeline.default_config()
+    config.image_size, config.num_train, config.num_eval = 16, 96, 48
+    config.seed = random_seed()
+    config.update(overrides)
+    return config
+
+
+def take(iterator, count: int) -> list[dict]:
+    return [next(iterator) for _ in range(count)]
+
+
+def assert_batches_equal(expected: list[dict], actual: list[dict]) -> None:
+    assert len(expected) == len(actual)
+    for a, b in zip(expected, actual):
+        assert a.keys() == b.keys()
+        for key in a:
+            np.testing.assert_array_equal(a[key], b[key])
+
+
+def test_input_shapes_per_modality():
+    shapes = pipeline.input_shapes(pipeline.default_config(), max_len=16)
+    assert shapes == {"image": (32, 32, 3), "text": (16,), "audio": (32, 32)}
+    assert tuple(shapes) == pipeline.MODALITIES
+    config = small_config()
+    config.audio.update(clip_seconds=1.0, num_mel_bins=20, frame_length=400, hop_length=160)
+    assert pipeline.input_shapes(config, max_len=8)["audio"] == (48, 20)  # 1 + 7600 // 160
+    config.audio.clip_seconds = 0.04
+    with pytest.raises(UserError, match="shorter than one frame"):
+        pipeline.input_shapes(config, max_len=8)
+
+
+def test_train_batches_have_model_shapes(tokenizer):
+    config = small_config()
+    dataset = pipeline.train_dataset(config, tokenizer, max_len=12, global_batch_size=8, seed=1)
+    for batch in take(iter(dataset), 3):
+        assert batch.keys() == {"image", "text", "skipped"}
+        assert batch["skipped"] == 0
+        assert batch["image"].shape == (8, 16, 16, 3) and batch["image"].dtype == np.float32
+        assert batch["text"].shape == (8, 12) and batch["text"].dtype == np.int32
+        assert -1.0 <= batch["image"].min() and batch["image"].max() <= 1.0
+        assert np.all((batch["text"] == tokenizer.eos_id).sum(axis=1) == 1)
+
+
+ALL = ("image", "text", "audio")
+
+
+def test_audio_batches_have_model_shapes(tokenizer):
+    config = small_config()
+    shapes = pipeline.input_shapes(config, max_len=12)
+    for modalities in (ALL, ("audio", "text")):
+        dataset = pipeline.train_dataset(
+            config, tokenizer, max_len=12, global_batch_size=8, seed=1, modalities=modalities
+        )
+        for batch in take(iter(dataset), 3):
+            assert batch.keys() == {*modalities, "skipped"}
+            for modality in modalities:
+                assert batch[modality].shape == (8, *shapes[modality])
+            assert batch["audio"].shape == (8, 32, 32) and batch["audio"].dtype == np.float32
+            assert np.all(np.isfinite(batch["audio"]))
+            # Standardised by fixed constants: about zero mean and unit scale.
+            assert abs(batch["audio"].mean()) < 0.5 and 0.5 < batch["audio"].std() < 1.5
+
+
+def test_image_text_pipelines_do_not_synthesise_sounds(tokenizer, monkeypatch):
+    def no_sounds(*args, **kwargs):
+        raise AssertionError("a sound was synthesised")
+
+    monkeypatch.setattr(synthetic, "render_audio", no_sounds)
+    config = small_config()
+    dataset = pipeline.train_dataset(config, tokenizer, max_len=12, global_batch_size=8, seed=1)
+    assert next(iter(dataset)).keys() == {"image", "text", "skipped"}
+    assert pipeline.eval_data(config, tokenizer, max_len=12)["pairs"]["inputs"].keys() == {"image", "text"}
+
+
+def test_unknown_modality_is_a_one_line_error(tokenizer):
+    config = small_config()
+    for modalities, problem in ((("image", "video"), r"unknown modalities \['video'\]"),
+                                ((), "no modalities")):
+        expected = f"{problem} for data.name='shapes'; valid: image, text, audio"
+        with pytest.raises(UserError, match=expected):
+            pipeline.train_dataset(config, tokenizer, max_len=8, global_batch_size=8, seed=0,
+                                   modalities=modalities)
+        with pytest.raises(UserError, match=expected):
+            pipeline.eval_data(config, tokenizer, max_len=8, modalities=modalities)
+
+
+def test_audio_augmentation_is_a_small_gain(tokenizer):
+    make = lambda augment: next(iter(pipeline.train_dataset(  # noqa: E731
+        small_config(augment=augment, seed=seed), tokenizer, max_len=8, global_batch_size=8,
+        seed=2, modalities=("audio",),
+    )))["audio"]
+    seed = random_seed()
+    plain, augmented = make(False), make(True)
+    # A gain g adds 2 ln(g) / AUDIO_LOG_MEL_STD wherever the energy is far above the floor.
+    loud = plain * pipeline.AUDIO_LOG_MEL_STD + pipeline.AUDIO_LOG_MEL_MEAN > -8  # tone bins
+    shifts = [(a - p)[mask] for a, p, mask in zip(augmented, plain, loud)]
+    limit = 2 * np.log(10 ** (pipeline.AUDIO_GAIN_DB / 20)) / pipeline.AUDIO_LOG_MEL_STD
+    for shift in shifts:
+        assert shift.size and np.ptp(shift) < 5e-3 and abs(shift.mean()) <= limit + 5e-3
+    assert len({round(float(shift.mean()), 4) for shift in shifts}) > 1
+
+
+def test_train_stream_is_deterministic_and_seeded(tokenizer):
+    config = small_config()
+    make = lambda seed: iter(  # noqa: E731
+        pipeline.train_dataset(config, tokenizer, max_len=12, global_batch_size=8, seed=seed)
+    )
+    seed = random_seed()
+    first, second, other = take(make(seed), 5), take(make(seed), 5), take(make(seed + 1), 5)
+    assert_batches_equal(first, second)
+    assert not np.array_equal(first[0]["text"], other[0]["text"])
+
+
+def test_epochs_are_permutations_in_different_orders(tokenizer):
+    config = small_config(num_train=32, augment=False)
+    dataset = pipeline.train_dataset(config, tokenizer, max_len=12, global_batch_size=8, seed=3)
+    batches = take(iter(dataset), 8)  # two epochs of 4 batches
+    epochs = [np.concatenate([b["image"] for b in batches[i : i + 4]]) for i in (0, 4)]
+    source = synthetic.ShapesSource("train", 32, 16, config.seed)
+    all_images = pipeline.normalise_images(np.stack([source[i]["image"] for i in range(32)]))
+    keys = lambda images: sorted(x.tobytes() for x in images)  # noqa: E731
+    assert keys(epochs[0]) == keys(epochs[1]) == keys(all_images)
+    assert not np.array_equal(epochs[0], epochs[1])
+
+
+def test_processes_read_interleaved_shards(tokenizer, monkeypatch):
+    config = small_config(augment=False)
+    make = lambda batch: iter(  # noqa: E731
+        pipeline.train_dataset(config, tokenizer, max_len=12, global_batch_size=batch, seed=5)
+    )
+    whole = next(make(8))["text"]  # one process, global batch 8
+    monkeypatch.setattr(pipeline.jax, "process_count", lambda: 2)
+    shards = []
+    for index in range(2):
+        monkeypatch.setattr(pipeline.jax, "process_index", lambda index=index: index)
+        shards.append(next(make(8))["text"])  # each process: 4 of the global 8
+    assert shards[0].shape == (4, 12)
+    np.testing.assert_array_equal(whole[0::2], shards[0])
+    np.testing.assert_array_equal(whole[1::2], shards[1])
+
+    monkeypatch.setattr(pipeline.jax, "process_count", lambda: 3)
+    with pytest.raises(ValueError, match="batch_size=8"):
+        pipeline.train_dataset(config, tokenizer, max_len=12, global_batch_size=8, seed=5)
+
+
+def test_unknown_dataset_name_lists_valid_ones(tokenizer):
+    with pytest.raises(UserError, match="unknown data source 'coco'.*'shapes', 'tfds:NAME'"):
+        pipeline.train_dataset(
+            small_config(name="coco"), tokenizer, max_len=8, global_batch_size=8, seed=0
+        )
+
+
+@pytest.mark.parametrize(
+    "num_workers, modalities", [(0, ("image", "text")), (0, ALL), (1, ALL)]
+)
+def test_resume_from_iterator_state_replays_the_same_batches(tokenizer, num_workers, modalities):
+    config = small_config(num_workers=num_workers)
+    make = lambda: iter(  # noqa: E731
+        pipeline.train_dataset(config, tokenizer, max_len=12, global_batch_size=8, seed=7,
+                               modalities=modalities)
+    )
+    before, after = np.random.randint(1, 20), np.random.randint(1, 10)
+    uninterrupted = take(make(), before + after)
+
+    interrupted = make()
+    head = take(interrupted, before)
+    state = interrupted.get_state()
+    resumed = make()
+    resumed.set_state(state)
+    tail = take(resumed, after)
+    assert_batches_equal(uninterrupted, head + tail)
+    for iterator in (interrupted, resumed):
+        if hasattr(iterator, "close"):
+            iterator.close()
+
+
+def test_resume_through_an_orbax_checkpoint(tokenizer, tmp_path):
+    config = small_config()
+    make = lambda: iter(  # noqa: E731
+        pipeline.train_dataset(config, tokenizer, max_len=12, global_batch_size=8, seed=11)
+    )
+    before, after = np.random.randint(1, 20), np.random.randint(1, 10)
+    uninterrupted = take(make(), before + after)
+
+    checkpointer = ocp.Checkpointer(grain.checkpoint.CheckpointHandler())
+    interrupted = make()
+    head = take(interrupted, before)
+    checkpointer.save(tmp_path / "data", args=grain.checkpoint.CheckpointSave(interrupted))
+    take(interrupted, 3)  # moves on; the checkpoint must not
+    resumed = make()
+    checkpointer.restore(tmp_path / "data", args=grain.checkpoint.CheckpointRestore(resumed))
+    assert_batches_equal(uninterrupted, head + take(resumed, after))
+
+
+@pytest.mark.parametrize("modalities", [("image", "text"), ALL, ("audio", "text")])
+def test_eval_data_matches_the_held_out_split(tokenizer, modalities, monkeypatch):
+    monkeypatch.setattr(pipeline, "EVAL_CHUNK", 20)  # several chunks, the last one partial
+    config = small_config()
+    data = pipeline.eval_data(config, tokenizer, max_len=16, modalities=modalities)
+    n, classes = config.num_eval, synthetic.NUM_CLASSES
+    assert data.keys() == {"pairs", "classes"}
+    inputs = data["pairs"]["inputs"]
+    assert inputs.keys() == set(modalities)
+    shapes = pipeline.input_shapes(config, max_len=16)
+    for modality in modalities:
+        assert inputs[modality].shape == (n, *shapes[modality])
+        assert inputs[modality].dtype == (np.int32 if modality == "text" else np.float32)
+    zeroshot = data["classes"]
+    assert zeroshot["inputs"].keys() == set(modalities) - {"text"}
+    for modality, values in zeroshot["inputs"].items():
+        assert values is inputs[modality]  # the same held-out examples, prepared once
+    assert zeroshot["labels"].shape == (n,) and zeroshot["labels"].dtype == np.int32
+    num_prompts = len(synthetic.class_prompts(0))
+    assert zeroshot["class_texts"].shape == (classes, num_prompts, 16)
+    assert zeroshot["class_names"] == synthetic.CLASS_NAMES
+
+    audio_config = config.audio
+    source = synthetic.ShapesSource(
+        "eval", n, config.image_size, config.seed, with_audio=True,
+        sample_rate=audio_config.sample_rate,
+        clip_samples=round(audio_config.clip_seconds * audio_config.sample_rate),
+    )
+    i = int(np.random.randint(n))
+    example = source[i]
+    assert zeroshot["labels"][i] == example["label"]
+    assert tokenizer.decode(inputs["text"][i : i + 1]) == [example["caption"]]
+    if "image" in modalities:
+        np.testing.assert_array_equal(
+            inputs["image"][i], pipeline.normalise_images(example["image"])
+        )
+    if "audio" in modalities:
+        expected = pipeline.normalise_audio(
+            example["audio"][None], pipeline._spectrogram_options(config)
+        )[0]
+        np.testing.assert_allclose(inputs["audio"][i], expected, atol=1e-5)
+    label = int(np.random.randint(classes))
+    assert tokenizer.decode(zeroshot["class_texts"][label]) == synthetic.class_prompts(label)
+
+
+def test_tokenizer_corpus_holds_every_caption():
+    corpus = set(pipeline.tokenizer_corpus(small_config()))
+    source = synthetic.ShapesSource("train", 1000, 8, random_seed())
+    assert all(source[i]["caption"] in corpus for i in np.random.randint(0, 1000, size=50))
