@@ -52,6 +52,12 @@ def test_shipped_configs_are_valid():
         (lambda c: setattr(c.loss, "pairs", (("image", "image"),)), "loss.pairs has ('image', 'image')"),
         (lambda c: setattr(c.loss, "pairs", (("image", "txt"),)), "each pair must name two different towers of ['image', 'text']"),
         (lambda c: setattr(c.optimizer, "warmup_steps", 10**6), "optimizer.warmup_steps=1000000 must lie in"),
+        (lambda c: setattr(c.data, "name", "coco"), "unknown data source 'coco'; use 'shapes', 'tfds:NAME'"),
+        (lambda c: setattr(c.data, "zeroshot_name", "tfds"), "unknown data source 'tfds'"),
+        (lambda c: setattr(c.data, "crop_scale", (0.5, 1.5)), "data.crop_scale=(0.5, 1.5) must be (low, high)"),
+        (lambda c: setattr(c.data, "crop_ratio", (2.0, 1.0)), "data.crop_ratio=(2.0, 1.0) must be"),
+        (lambda c: setattr(c.data, "max_skipped_fraction", -0.1), "data.max_skipped_fraction=-0.1 must be in [0, 1]"),
+        (lambda c: setattr(c.data, "prompts", ("a photo",)), "data.prompts entry 'a photo' must contain '{}'"),
     ],
 )
 def test_validation_errors_name_the_key(change, message):
@@ -74,7 +80,9 @@ def run_cli(*args, tmp_path):
 
 @pytest.mark.parametrize(
     "override, message",
-    [("--config.batch_sise=64", "batch_sise"), ("--config.batch_size=100", "not divisible by the 8 data shards")],
+    [("--config.batch_sise=64", "batch_sise"), ("--config.batch_size=100", "not divisible by the 8 data shards"),
+     ("--config.data.name=csv:/no/such/index.csv", "CSV index '/no/such/index.csv' does not exist"),
+     ("--config.data.name=array_record:/no/such/*.ar", "no ArrayRecord files match '/no/such/*.ar'")],
 )
 def test_command_line_errors_are_one_line_without_traceback(override, message, tmp_path):
     result = run_cli(override, tmp_path=tmp_path)
