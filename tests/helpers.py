@@ -74,3 +74,25 @@ def write_image_folder(folder, count: int, rng: np.random.Generator, *, truncate
     index = folder / "index.csv"
     index.write_text("\n".join(rows) + "\n")
     return str(index)
+
+
+def write_sound_folder(folder, count: int, rng: np.random.Generator, *, rate: int = 16000) -> str:
+    """`count` 16-bit mono WAVs of random tones and lengths (0.2-0.8 s) under folder/sounds
+    and a CSV index with columns sound,caption. Returns the CSV's path."""
+    import wave
+
+    (folder / "sounds").mkdir(parents=True, exist_ok=True)
+    rows = ["sound,caption"]
+    for i in range(count):
+        t = np.arange(int(rng.integers(rate // 5, 4 * rate // 5))) / rate
+        samples = 0.3 * np.sin(2 * np.pi * rng.uniform(100, 2000) * t)
+        with wave.open(str(folder / "sounds" / f"{i:04d}.wav"), "wb") as f:
+            f.setnchannels(1)
+            f.setsampwidth(2)
+            f.setframerate(rate)
+            f.writeframes(np.round(samples * 32767).astype("<i2").tobytes())
+        caption = " ".join(rng.choice(WORDS, size=int(rng.integers(3, 7))))
+        rows.append(f"sounds/{i:04d}.wav,{caption}")
+    index = folder / "sounds.csv"
+    index.write_text("\n".join(rows) + "\n")
+    return str(index)

@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 import tensorflow_datasets as tfds
 
-from bigalign import train
-from helpers import write_image_folder
+from bigalign import config as config_lib, train
+from helpers import write_image_folder, write_sound_folder
 
 REPO = __file__.rsplit("/tests/", 1)[0]
 
@@ -31,6 +31,19 @@ def test_trains_from_a_csv_folder_and_evaluates_retrieval(tiny_config, tmp_path)
     results = train_briefly(tiny_config, tmp_path / "run")
     assert {"eval/image2text_recall@1", "eval/text2image_recall@5"} <= results.keys()
     assert not any("zeroshot" in key for key in results)
+
+
+def test_trains_audio_text_pairs_from_a_csv_of_wav_files(tiny_config, tmp_path):
+    index = write_sound_folder(tmp_path / "data", 32, np.random.default_rng())
+    del tiny_config.model.image
+    tiny_config.model.audio = config_lib.tower_config(
+        "audio", width=32, depth=1, num_heads=2, mlp_dim=64
+    )
+    tiny_config.loss.pairs = (("audio", "text"),)
+    tiny_config.data.update(name=f"csv:{index}", eval_name=f"csv:{index}",
+                            csv_image_column="", csv_audio_column="sound")
+    results = train_briefly(tiny_config, tmp_path / "run")
+    assert {"eval/audio2text_recall@1", "eval/text2audio_recall@5"} <= results.keys()
 
 
 def test_trains_from_array_record_shards_made_by_the_tool(tiny_config, tmp_path):

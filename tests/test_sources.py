@@ -6,11 +6,11 @@ import numpy as np
 import pytest
 import tensorflow_datasets as tfds
 
-from bigalign.data import array_record, images, pipeline, skipping, sources
+from bigalign.data import array_record, images, pipeline, skipping, sources, waveforms
 from bigalign.data.csv_source import CsvSource
 from bigalign.data.tfds_source import TfdsSource
 from bigalign.errors import UserError
-from helpers import write_image_folder
+from helpers import write_image_folder, write_sound_folder
 
 
 def csv_config(index: str, **overrides):
@@ -63,7 +63,7 @@ def test_csv_errors_name_the_file_and_the_columns(tmp_path):
                                         r"data.csv_image_column"):
         CsvSource(str(tmp_path / "index.csv"))
     (tmp_path / "empty.csv").write_text("filepath,caption\n")
-    with pytest.raises(UserError, match="lists no images"):
+    with pytest.raises(UserError, match="lists no examples"):
         CsvSource(str(tmp_path / "empty.csv"))
 
 
@@ -104,6 +104,26 @@ def test_csv_eval_pairs_are_centre_crops(tmp_path, tokenizer):
         inputs["image"][i], pipeline.normalise_images(images.eval_view(example["image"], 16))
     )
     np.testing.assert_array_equal(inputs["text"][i], tokenizer.encode([example["caption"]], 12)[0])
+
+
+def test_csv_sounds_give_log_mels_of_resampled_wav_windows(tmp_path, tokenizer):
+    rng = np.random.default_rng()
+    index = write_sound_folder(tmp_path, 10, rng)
+    config = csv_config(index, csv_image_column="", csv_audio_column="sound")
+    assert sources.modalities(config, config.name) == ("text", "audio")
+    options = pipeline._spectrogram_options(config)
+    clip_samples = round(config.audio.clip_seconds * config.audio.sample_rate)
+    data = pipeline.eval_data(config, tokenizer, max_len=12, modalities=("audio", "text"))
+    i = int(rng.integers(10))
+    waveform = waveforms.load(CsvSource(index, image_column="", audio_column="sound")[i]["audio"],
+                              config.audio.sample_rate)
+    expected = pipeline.normalise_audio(waveforms.clip(waveform, clip_samples)[None], options)[0]
+    np.testing.assert_allclose(data["pairs"]["inputs"]["audio"][i], expected, atol=1e-5)
+    batch = take(pipeline.train_dataset(config, tokenizer, max_len=12, global_batch_size=4,
+                                        seed=0, modalities=("audio", "text")), 1)[0]
+    assert batch["audio"].shape == (4, *pipeline.input_shapes(config, max_len=12)["audio"])
+    with pytest.raises(UserError, match=r"unknown modalities \['image'\] for data.name='csv:"):
+        pipeline.train_dataset(config, tokenizer, max_len=12, global_batch_size=4, seed=0)
 
 
 @pytest.mark.parametrize("num_workers", [0, 1])

@@ -1,10 +1,11 @@
-"""Image-text pairs listed in a CSV (or TSV) index, in open_clip's convention.
+"""Image-text (or audio-text) pairs listed in a CSV (or TSV) index, in open_clip's convention.
 
 One row per pair: a column with the image path (relative paths are relative to
-the CSV's own folder) and a column with the caption. The column names and the
-separator are configurable; by default `filepath` and `caption`, separated by a
-tab for `.tsv` files and a comma otherwise. The index is read once, up front;
-images are read lazily, one per `__getitem__`.
+the CSV's own folder) and a column with the caption; for sound, a column with a
+WAV path, instead of or besides the image. The column names and the separator
+are configurable; by default `filepath` and `caption`, separated by a tab for
+`.tsv` files and a comma otherwise. The index is read once, up front; files are
+read lazily, one example per `__getitem__`.
 """
 
 import csv
@@ -18,38 +19,50 @@ def default_separator(path: str) -> str:
 
 
 class CsvSource:
-    """Random access to the rows of a CSV index: {"image": absolute path, "caption": str, "origin": path}."""
+    """Random access to the rows of a CSV index.
+
+    Items: {"image": absolute path (with an image column), "audio": absolute path (with
+    an audio column), "caption": str, "origin": the first of those paths}.
+    """
 
     def __init__(self, path: str, *, image_column: str = "filepath",
-                 text_column: str = "caption", separator: str = ""):
+                 text_column: str = "caption", audio_column: str = "", separator: str = ""):
+        wanted = {"image": image_column, "audio": audio_column}
+        self.file_columns = {modality: column for modality, column in wanted.items() if column}
+        if not self.file_columns:
+            raise UserError("a CSV index needs an image or an audio column; set "
+                            "data.csv_image_column or data.csv_audio_column")
         if not os.path.isfile(path):
             raise UserError(f"CSV index {path!r} does not exist; give the path of an index "
-                            f"with columns {image_column!r} and {text_column!r}")
+                            f"with columns {[*self.file_columns.values(), text_column]}")
         separator = separator or default_separator(path)
         folder = os.path.dirname(os.path.abspath(path))
         with open(path, newline="", encoding="utf-8") as f:
             reader = csv.DictReader(f, delimiter=separator)
             columns = reader.fieldnames or []
-            missing = [c for c in (image_column, text_column) if c not in columns]
+            missing = [c for c in (*self.file_columns.values(), text_column) if c not in columns]
             if missing:
                 raise UserError(
                     f"CSV index {path!r} has no column {missing[0]!r} (found {columns}, "
-                    f"separator {separator!r}); set data.csv_image_column / "
-                    f"data.csv_text_column / data.csv_separator to match it"
+                    f"separator {separator!r}); set data.csv_image_column / csv_audio_column / "
+                    f"csv_text_column / csv_separator to match it"
                 )
-            rows = [(row[image_column], row[text_column]) for row in reader]
+            rows = list(reader)
         if not rows:
-            raise UserError(f"CSV index {path!r} lists no images")
+            raise UserError(f"CSV index {path!r} lists no examples")
         self.path = path
-        self._image_paths = [os.path.join(folder, image) for image, _ in rows]
-        self._captions = [caption for _, caption in rows]
+        self._files = {
+            modality: [os.path.join(folder, row[column]) for row in rows]
+            for modality, column in self.file_columns.items()
+        }
+        self._captions = [row[text_column] for row in rows]
 
     def __len__(self) -> int:
         return len(self._captions)
 
     def __getitem__(self, index: int) -> dict:
-        image_path = self._image_paths[index]
-        return {"image": image_path, "caption": self._captions[index], "origin": image_path}
+        files = {modality: paths[index] for modality, paths in self._files.items()}
+        return {**files, "caption": self._captions[index], "origin": next(iter(files.values()))}
 
     def captions(self) -> list[str]:
         """Every caption, in index order (for training a tokenizer)."""

@@ -19,12 +19,14 @@ import os
 import numpy as np
 from PIL import Image
 
+from bigalign.data.skipping import UnreadableExample
+
 # Attempts at drawing a random box that fits before falling back to the centre box.
 CROP_ATTEMPTS = 10
 RESAMPLE = Image.Resampling.BILINEAR
 
 
-class ImageError(Exception):
+class ImageError(UnreadableExample):
     """An image that cannot be read: missing, truncated, not an image. The message says which."""
 
 

@@ -31,8 +31,8 @@ import ml_collections
 import numpy as np
 from absl import flags
 
-from bigalign.data import audio, images, sources, synthetic
-from bigalign.data.skipping import SKIPPED, SkipCounter, SkipUnreadable
+from bigalign.data import audio, images, sources, synthetic, waveforms
+from bigalign.data.skipping import SKIPPED, SkipCounter, SkipUnreadable, UnreadableExample
 from bigalign.data.tokenizer import Tokenizer
 from bigalign.errors import UserError
 
@@ -83,6 +83,7 @@ def default_config() -> ml_collections.ConfigDict:
             tfds_data_dir="",  # "": tfds' default (~/tensorflow_datasets or $TFDS_DATA_DIR)
             csv_image_column="filepath",
             csv_text_column="caption",
+            csv_audio_column="",  # a column of WAV paths, for audio towers ("": none)
             csv_separator="",  # "": tab for .tsv, comma otherwise
             class_names="",  # a file with one zero-shot class name per line (overrides tfds')
             prompts=(),  # zero-shot prompt templates with one "{}"; (): sources.DEFAULT_PROMPTS
@@ -116,9 +117,9 @@ def validate(data_config) -> None:
     sources.prompts(data_config)
 
 
-def _check_modalities(spec: str, modalities, key: str = "data.name") -> tuple[str, ...]:
+def _check_modalities(data_config, spec: str, modalities, key="data.name") -> tuple[str, ...]:
     """`modalities` as a tuple, after checking that the source `spec` provides each one."""
-    provided = sources.modalities(spec)
+    provided = sources.modalities(data_config, spec)
     unknown = [m for m in modalities if m not in provided]
     if unknown or not modalities:
         problem = f"unknown modalities {unknown}" if unknown else "no modalities"
@@ -147,7 +148,7 @@ def input_shapes(data_config, *, max_len: int) -> dict:
 
     {"image": (H, W, 3), "text": (max_len,), "audio": (frames, mels)}
     """
-    provided = sources.modalities(data_config.name)
+    provided = sources.modalities(data_config, data_config.name)
     options = _spectrogram_options(data_config)
     frames = audio.num_frames(
         _clip_samples(data_config), options["frame_length"], options["hop_length"]
@@ -175,58 +176,59 @@ def _unreadable(example: dict, reason: str) -> dict:
     return {"origin": example["origin"], "error": reason}
 
 
-class TrainView(grain.transforms.RandomMap):
-    """Raw example -> {"image": uint8 [S, S, 3], "caption": one of its captions, "origin"}.
-
-    With data.augment a random-resized crop and flip, else the eval centre crop.
-    Unreadable images become {"origin", "error"} for SkipUnreadable to drop.
-    """
+class _View:
+    """Decodes a raw example's files into fixed-size model inputs (see TrainView, EvalView)."""
 
     def __init__(self, data_config):
         self.size = data_config.image_size
+        self.sample_rate = data_config.audio.sample_rate
+        self.clip_samples = _clip_samples(data_config)
         self.augment = data_config.augment
         self.crop = dict(scale=tuple(data_config.crop_scale), ratio=tuple(data_config.crop_ratio),
                          flip=data_config.flip)
 
-    def random_map(self, example: dict, rng: np.random.Generator) -> dict:
+    def view(self, example: dict, rng: np.random.Generator | None) -> dict:
+        """{"image", "audio", "caption", "label", "origin"}, those the example has; with
+        `rng` a training view (random crop, flip, window, caption), else the eval view."""
         if "error" in example:
             return example
-        captions = _captions(example)
-        if not captions:
-            return _unreadable(example, "no caption")
-        try:
-            if self.augment:
-                image = images.train_view(example["image"], self.size, rng, **self.crop)
-            else:
-                image = images.eval_view(example["image"], self.size)
-        except images.ImageError as error:
-            return _unreadable(example, str(error))
-        caption = captions[int(rng.integers(len(captions)))]
-        return {"image": image, "caption": caption, "origin": example["origin"]}
-
-
-class EvalView(grain.transforms.Map):
-    """Raw example -> its centre-cropped image, first caption and label (those it has)."""
-
-    def __init__(self, image_size: int):
-        self.size = image_size
-
-    def map(self, example: dict) -> dict:
-        if "error" in example:
-            return example
-        view = {"origin": example["origin"]}
-        if "label" in example:
-            view["label"] = example["label"]
+        view = {key: example[key] for key in ("origin", "label") if key in example}
         if "caption" in example:
             captions = _captions(example)
             if not captions:
                 return _unreadable(example, "no caption")
-            view["caption"] = captions[0]
+            pick = int(rng.integers(len(captions))) if rng is not None else 0
+            view["caption"] = captions[pick]
         try:
-            view["image"] = images.eval_view(example["image"], self.size)
-        except images.ImageError as error:
+            if "image" in example:
+                view["image"] = (
+                    images.train_view(example["image"], self.size, rng, **self.crop)
+                    if rng is not None and self.augment
+                    else images.eval_view(example["image"], self.size)
+                )
+            if "audio" in example:
+                waveform = waveforms.load(example["audio"], self.sample_rate)
+                window_rng = rng if self.augment else None  # None: the first window
+                view["audio"] = waveforms.clip(waveform, self.clip_samples, window_rng)
+        except UnreadableExample as error:
             return _unreadable(example, str(error))
         return view
+
+
+class TrainView(_View, grain.transforms.RandomMap):
+    """Raw example -> training inputs: with data.augment a random-resized crop and flip
+    (else the centre crop), a random window of the sound, one of its captions at random.
+    Unreadable files become {"origin", "error"} for SkipUnreadable to drop."""
+
+    def random_map(self, example: dict, rng: np.random.Generator) -> dict:
+        return self.view(example, rng)
+
+
+class EvalView(_View, grain.transforms.Map):
+    """Raw example -> eval inputs: the centre crop, the first window, the first caption."""
+
+    def map(self, example: dict) -> dict:
+        return self.view(example, None)
 
 
 def tokenizer_corpus(data_config) -> list[str]:
@@ -326,7 +328,7 @@ def train_dataset(
     Yields dicts with the keys `modalities` (any of MODALITIES), each with a leading
     batch dimension b = global_batch_size // jax.process_count(), and "skipped".
     """
-    modalities = _check_modalities(data_config.name, modalities)
+    modalities = _check_modalities(data_config, data_config.name, modalities)
     batch_size = per_process_batch_size(global_batch_size)
     source = sources.open_source(data_config, data_config.name, data_config.train_split,
                                  with_audio="audio" in modalities)
@@ -383,7 +385,7 @@ def _held_out_examples(data_config, source, spec: str) -> list[dict]:
     """The first data.num_eval readable examples of `source`, images centre-cropped."""
     examples = grain.MapDataset.source(source)[: data_config.num_eval]
     if sources.parse(spec)[0] != "shapes":  # shapes are rendered at the model's size
-        examples = examples.map(EvalView(data_config.image_size))
+        examples = examples.map(EvalView(data_config))
     counter = SkipCounter(data_config.max_skipped_fraction)
     read = examples.to_iter_dataset(grain.ReadOptions(num_threads=EVAL_THREADS))
     kept = [example for example in read if not counter.is_bad(example)]
@@ -456,7 +458,7 @@ def eval_data(data_config, tokenizer: Tokenizer, *, max_len: int, modalities=("i
     result, held_out = {}, None
     pairs_spec = _eval_spec(data_config)
     if pairs_spec:
-        _check_modalities(pairs_spec, modalities,
+        _check_modalities(data_config, pairs_spec, modalities,
                           "data.eval_name" if data_config.eval_name else "data.name")
         source = sources.open_source(data_config, pairs_spec, data_config.eval_split,
                                      with_audio="audio" in modalities)
@@ -466,7 +468,8 @@ def eval_data(data_config, tokenizer: Tokenizer, *, max_len: int, modalities=("i
         result["pairs"] = {"inputs": held_out[1]}
     zeroshot_spec = data_config.zeroshot_name or ("shapes" if pairs_spec == "shapes" else "")
     if zeroshot_spec and "text" in modalities:
-        classified = [m for m in modalities if m != "text" and m in sources.modalities(zeroshot_spec)]
+        provided = sources.modalities(data_config, zeroshot_spec)
+        classified = [m for m in modalities if m != "text" and m in provided]
         if classified:
             reuse = held_out if zeroshot_spec == pairs_spec == "shapes" else None
             result["classes"] = _zeroshot_data(

@@ -18,6 +18,10 @@ from bigalign.errors import UserError
 SKIPPED = "skipped"  # per-example key: unreadable examples dropped just before this one
 
 
+class UnreadableExample(Exception):
+    """A decoder's error for one bad file or record; its message says what is wrong with it."""
+
+
 class SkipCounter:
     """Counts read and dropped examples; raises UserError once too many were dropped."""
 

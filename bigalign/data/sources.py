@@ -11,7 +11,7 @@ Every source maps an index to a raw example, a dict with some of:
     "image":   uint8 [H, W, 3], encoded bytes, or a file path (decoded by images.py)
     "caption": a str, or a list of str (several captions: one is drawn per visit)
     "label":   int class id (zero-shot sources)
-    "audio":   float32 waveform [S] (shapes only)
+    "audio":   float32 waveform [S] (shapes), or a WAV file path (decoded by waveforms.py)
     "origin":  where the example came from, for error messages
 or, when the example cannot be read, just {"origin": ..., "error": reason}.
 """
@@ -43,10 +43,16 @@ def parse(spec: str) -> tuple[str, str]:
     return kind, argument
 
 
-def modalities(spec: str) -> tuple[str, ...]:
-    """The modalities that examples of `spec` provide."""
+def modalities(data_config, spec: str) -> tuple[str, ...]:
+    """The modalities that examples of `spec` provide (a CSV index: those it has columns for)."""
     kind, _ = parse(spec)
-    return ALL_MODALITIES if kind == "shapes" else ("image", "text")
+    if kind == "shapes":
+        return ALL_MODALITIES
+    if kind == "csv":
+        columns = {"image": data_config.csv_image_column, "text": data_config.csv_text_column,
+                   "audio": data_config.csv_audio_column}
+        return tuple(m for m in ALL_MODALITIES if columns[m])
+    return ("image", "text")
 
 
 def prompts(data_config) -> tuple[str, ...]:
@@ -103,6 +109,7 @@ def open_source(data_config, spec: str, split: str, *, role: str = "pairs",
     if kind == "csv":
         return csv_source.CsvSource(
             argument, image_column=data_config.csv_image_column,
-            text_column=data_config.csv_text_column, separator=data_config.csv_separator,
+            text_column=data_config.csv_text_column, audio_column=data_config.csv_audio_column,
+            separator=data_config.csv_separator,
         )
     return array_record.ArrayRecordSource(argument)

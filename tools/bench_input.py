@@ -1,0 +1,312 @@
+"""Benchmark the training input pipeline against the train step it has to feed.
+
+Does the data loader keep up with the accelerator? The script answers it for one
+machine, with a synthetic but photo-like image-text dataset written once into
+`--workdir` (reused by later runs with the same `--num-images`):
+- JPEG files (quality 90, sides 300 to 640 px, smooth colour blobs, a gradient and
+  fine grain: about 60 KB each, like web photos of that size) with captions of 8 to
+  20 random words, listed in a CSV index (the "csv:" source);
+- the same pairs converted to ArrayRecord shards (the "array_record:" source);
+- a sentencepiece tokenizer trained on the captions.
+
+It then measures, in examples per second:
+- the pipeline, `pipeline.train_dataset` (decode, random-resized crop and flip,
+  batching, tokenizing, normalising), for each source and each worker count in
+  `--num-workers` (0: one background thread): `--batches` batches timed after a
+  warm-up of `--warmup` batches per producer (the thread or each worker), which
+  covers the start of the worker processes;
+- the train step of `--model` (both towers, sigmoid loss, backward, AdamW) on random
+  batches already on the devices: batch size / median time of `--steps` steps after
+  one that compiles. The devices are JAX's defaults (1 on a CPU).
+The table gives each pipeline's rate as a ratio to the train step's: above 1 the
+pipeline keeps up. Both are measured alone; in training they share the host's cores.
+A second table splits one example's pipeline cost into its stages (single thread):
+reading the file, decoding the JPEG (`images.load`, with `draft`; also shown without
+it, for comparison), cropping and resizing (`images.train_view`), and preparing the
+batch (`pipeline.PrepareBatch`: tokenizing and normalising).
+
+    python tools/bench_input.py
+    python tools/bench_input.py --num-workers 0,4,8,16 --model S/16 --batches 64
+
+The files stay in the page cache after they are written, so reads cost no disk I/O:
+the numbers are the CPU work of the pipeline, an upper bound for data on slow disks.
+"""
+
+import argparse
+import io
+import math
+import os
+import shlex
+import statistics
+import sys
+import tempfile
+import time
+
+import jax
+import numpy as np
+from PIL import Image
+
+from bigalign import config as config_lib, sharding, train
+from bigalign.data import array_record, images, pipeline, tokenizer as tokenizer_lib
+from bigalign.data.csv_source import CsvSource
+from bigalign.models import towers
+
+SIDES = (300, 640)  # range of the images' widths and heights, in pixels
+JPEG_QUALITY = 90
+CAPTION_WORDS = (8, 20)
+NUM_SHARDS = 8
+TOKENIZER_VOCAB = 1000
+STAGE_SAMPLE = 256  # images timed per stage in the breakdown
+FULL_DECODE = "(decode JPEG at full size, no draft)"  # for comparison; not a pipeline stage
+WORDS = (
+    "a an the two three some of on in at with near under over behind beside and "
+    "man woman child dog cat bird horse car bus bicycle boat train street road "
+    "house building tree grass field beach river mountain sky cloud sun snow "
+    "table chair plate food pizza cake cup window door kitchen room park city "
+    "red blue green yellow white black brown small large old young happy wooden "
+    "sitting standing walking running riding holding looking eating playing "
+    "flying parked covered filled view photo picture close up front side top"
+).split()
+
+
+def synthetic_image(rng: np.random.Generator) -> np.ndarray:
+    """uint8 [H, W, 3]: colour blobs (bicubic-upscaled noise), a linear gradient, grain.
+
+    Smooth enough for JPEG to compress it about as well as a photo, varied enough
+    that it is not trivially compressible.
+    """
+    width, height = (int(side) for side in rng.integers(SIDES[0], SIDES[1] + 1, size=2))
+    coarse = rng.integers(0, 256, size=(height // 24, width // 24, 3), dtype=np.uint8)
+    blobs = Image.fromarray(coarse).resize((width, height), Image.Resampling.BICUBIC)
+    rows, columns = np.mgrid[0:height, 0:width].astype(np.float32)
+    gradient = rng.uniform(-60, 60) * columns / width + rng.uniform(-60, 60) * rows / height
+    grain = rng.normal(0, 4, size=(height, width)).astype(np.float32)
+    pixels = np.asarray(blobs, np.float32) + (gradient + grain)[..., None]
+    return np.clip(pixels, 0, 255).astype(np.uint8)
+
+
+def make_dataset(folder: str, count: int) -> tuple[str, str]:
+    """Writes the JPEGs, CSV index, ArrayRecord shards and tokenizer into `folder` unless a
+    previous run finished doing so. Returns (csv path, shard glob)."""
+    index = os.path.join(folder, "index.csv")
+    shards = os.path.join(folder, "shards", "pairs")
+    done = os.path.join(folder, "complete")
+    if os.path.exists(done):
+        return index, f"{shards}-*.array_record"
+    start = time.perf_counter()
+    rng = np.random.default_rng(0)
+    os.makedirs(os.path.join(folder, "images"), exist_ok=True)
+    lines = ["filepath,caption"]
+    for i in range(count):
+        name = f"images/{i:06d}.jpg"
+        Image.fromarray(synthetic_image(rng)).save(os.path.join(folder, name), quality=JPEG_QUALITY)
+        words = rng.choice(WORDS, size=int(rng.integers(CAPTION_WORDS[0], CAPTION_WORDS[1] + 1)))
+        lines.append(f"{name},{' '.join(words)}")
+    with open(index, "w", encoding="utf-8") as f:
+        f.write("\n".join(lines) + "\n")
+    source = CsvSource(index)
+    array_record.write_shards(
+        array_record.examples_from_csv(source, array_record.Tally()), shards, NUM_SHARDS
+    )
+    tokenizer_lib.train_tokenizer(source.captions(), tokenizer_path(folder), TOKENIZER_VOCAB)
+    open(done, "w").close()
+    print(f"wrote {count} images, the CSV index, {NUM_SHARDS} shards and a tokenizer to {folder} "
+          f"in {time.perf_counter() - start:.0f} s", file=sys.stderr, flush=True)
+    return index, f"{shards}-*.array_record"
+
+
+def tokenizer_path(folder: str) -> str:
+    return os.path.join(folder, "tokenizer.model")
+
+
+def data_config(args, spec: str, num_workers: int):
+    """The data section for the training stream of `spec` (default augmentation)."""
+    data = pipeline.default_config()
+    data.name = spec
+    data.image_size = args.image_size
+    data.num_workers = num_workers
+    return data
+
+
+def pipeline_rate(args, spec: str, num_workers: int, tokenizer) -> float:
+    """Examples/s of `train_dataset(spec)` with `num_workers`, after the warm-up."""
+    dataset = pipeline.train_dataset(
+        data_config(args, spec, num_workers), tokenizer, max_len=args.max_len,
+        global_batch_size=args.batch_size, seed=0,
+    )
+    iterator = iter(dataset)
+    try:
+        for _ in range(args.warmup * max(1, num_workers)):
+            next(iterator)
+        start = time.perf_counter()
+        for _ in range(args.batches):
+            next(iterator)
+        seconds = time.perf_counter() - start
+    finally:
+        iterator.close()
+    return args.batches * args.batch_size / seconds
+
+
+def model_config(args):
+    """`--model` for the image tower, the same size without the patch for the text tower."""
+    config = config_lib.base_config()
+    config.batch_size = args.batch_size
+    config.data.image_size = args.image_size
+    config.text.max_len = args.max_len
+    config.text.vocab_size = args.vocab_size
+    config.model.embed_dim = args.embed_dim
+    config.model.image.variant = args.model
+    config.model.text.variant = args.model.partition("/")[0]
+    config_lib.validate(config)
+    return config
+
+
+def train_step_rate(args) -> float:
+    """Examples/s of the jitted train step on a random batch already on the devices."""
+    config = model_config(args)
+    mesh = sharding.make_mesh(config.mesh)
+    model = towers.build_model(
+        config.model, vocab_size=config.text.vocab_size, max_len=config.text.max_len
+    )
+    optimizer = train.make_optimizer(config)
+    state = train.create_train_state(config, model, optimizer, mesh)
+    batch = sharding.global_batch(train.random_batch(config, np.random.default_rng(0)), mesh)
+    step = train.make_train_step(config, model, optimizer, mesh, sharding.shardings_of(state))
+    times = []
+    for i in range(args.steps + 1):  # the first call compiles
+        start = time.perf_counter()
+        state, metrics = step(state, batch)
+        jax.block_until_ready((state, metrics))
+        if i:
+            times.append(time.perf_counter() - start)
+    return args.batch_size / statistics.median(times)
+
+
+def timed_map(function, items) -> tuple[list, float]:
+    """([function(item) ...], milliseconds per item)."""
+    start = time.perf_counter()
+    results = [function(item) for item in items]
+    return results, (time.perf_counter() - start) * 1e3 / len(items)
+
+
+def stage_costs(args, index: str, tokenizer) -> dict[str, float]:
+    """Milliseconds per example of each stage of the training view and batch, on one thread."""
+    source = CsvSource(index)
+    examples = [source[i] for i in range(min(STAGE_SAMPLE, len(source)))]
+    crop = pipeline.default_config()
+    min_side = math.ceil(args.image_size / math.sqrt(crop.crop_scale[0]))  # as train_view
+
+    def read(example):
+        with open(example["image"], "rb") as f:
+            return f.read()
+
+    def decode_full(encoded):
+        with Image.open(io.BytesIO(encoded)) as image:
+            return image.convert("RGB")
+
+    encoded, read_ms = timed_map(read, examples)
+    _, full_ms = timed_map(decode_full, encoded)
+    decoded, decode_ms = timed_map(lambda data: np.asarray(images.load(data, min_side=min_side)),
+                                   encoded)
+    rng = np.random.default_rng(0)
+    views, view_ms = timed_map(
+        lambda pixels: images.train_view(pixels, args.image_size, rng, scale=crop.crop_scale,
+                                         ratio=crop.crop_ratio, flip=crop.flip),
+        decoded,
+    )
+    prepare = pipeline.PrepareBatch(tokenizer, args.max_len, ("image", "text"), {})
+    batch = {"image": np.stack(views), "caption": np.array([e["caption"] for e in examples])}
+    _, prepare_ms = timed_map(prepare.map, [batch])
+    return {
+        "read file": read_ms,
+        "decode JPEG (draft)": decode_ms,
+        "crop, resize, flip": view_ms,
+        "prepare batch": prepare_ms / len(examples),
+        FULL_DECODE: full_ms,
+    }
+
+
+def markdown_table(header: list[str], rows: list[list[str]]) -> str:
+    """An aligned markdown table: first column left-aligned, the rest right-aligned."""
+    widths = [max(len(row[i]) for row in [header, *rows]) for i in range(len(header))]
+
+    def render(cells):
+        padded = [cell.ljust(w) if i == 0 else cell.rjust(w)
+                  for i, (cell, w) in enumerate(zip(cells, widths))]
+        return "| " + " | ".join(padded) + " |"
+
+    rule = "|" + "|".join("-" * (w + 2) if i == 0 else "-" * (w + 1) + ":"
+                          for i, w in enumerate(widths)) + "|"
+    return "\n".join([render(header), rule, *map(render, rows)])
+
+
+def parse_args():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--workdir", default="",
+                        help="where the dataset is written once and reused (default: a new "
+                             "temporary folder)")
+    parser.add_argument("--num-images", type=int, default=2000)
+    parser.add_argument("--num-workers", default="0,1,2",
+                        help="comma-separated data.num_workers values (0: a background thread)")
+    parser.add_argument("--image-size", type=int, default=224)
+    parser.add_argument("--batch-size", type=int, default=64, help="global batch")
+    parser.add_argument("--max-len", type=int, default=32, help="text tokens per example")
+    parser.add_argument("--model", default="Ti/16",
+                        help="image tower variant (Ti/16, S/16, B/16); the text tower gets the "
+                             "same size without the patch")
+    parser.add_argument("--embed-dim", type=int, default=512)
+    parser.add_argument("--vocab-size", type=int, default=32000, help="of the model's text tower")
+    parser.add_argument("--warmup", type=int, default=3,
+                        help="untimed batches per producer (the thread or each worker)")
+    parser.add_argument("--batches", type=int, default=24, help="timed batches per pipeline row")
+    parser.add_argument("--steps", type=int, default=5, help="timed train steps")
+    args = parser.parse_args()
+    args.num_workers = [int(n) for n in args.num_workers.split(",")]
+    if min(args.num_workers) < 0 or args.batches < 1 or args.steps < 1 or args.warmup < 1:
+        parser.error("--num-workers must be >= 0; --batches, --steps and --warmup >= 1")
+    return args
+
+
+def main():
+    args = parse_args()
+    print("$ python tools/bench_input.py " + shlex.join(sys.argv[1:]), flush=True)
+    workdir = args.workdir or tempfile.mkdtemp(prefix="bench_input-")
+    folder = os.path.join(workdir, f"synthetic-{args.num_images}")
+    index, shards = make_dataset(folder, args.num_images)
+    tokenizer = tokenizer_lib.Tokenizer.load(tokenizer_path(folder))
+    load_before = os.getloadavg()[0]
+
+    step_rate = train_step_rate(args)
+    print(f"train step: {step_rate:.1f} examples/s", file=sys.stderr, flush=True)
+    rows = []
+    for spec in (f"csv:{index}", f"array_record:{shards}"):
+        for workers in args.num_workers:
+            rate = pipeline_rate(args, spec, workers, tokenizer)
+            kind = spec.partition(":")[0]
+            print(f"{kind}, {workers} workers: {rate:.1f} examples/s", file=sys.stderr, flush=True)
+            rows.append([kind, str(workers), f"{rate:.1f}", f"{rate / step_rate:.2f}"])
+    rows.append([f"train step ({args.model})", "-", f"{step_rate:.1f}", "1.00"])
+    costs = stage_costs(args, index, tokenizer)
+
+    devices = jax.devices()
+    sizes = [os.path.getsize(os.path.join(folder, "images", name))
+             for name in os.listdir(os.path.join(folder, "images"))]
+    print(f"\n{os.cpu_count()} CPU cores, {len(devices)} x {devices[0].device_kind} "
+          f"({devices[0].platform}), jax {jax.__version__}; load average {load_before:.1f} "
+          f"before the run.\nData: {args.num_images} JPEGs of {SIDES[0]} to {SIDES[1]} px "
+          f"(mean {statistics.mean(sizes) / 1e3:.0f} KB) at {args.image_size} px, global batch "
+          f"{args.batch_size}, captions to {args.max_len} tokens; {args.batches} batches timed "
+          f"after {args.warmup} per producer. Train step: image {args.model}, text "
+          f"{args.model.partition('/')[0]}, on random batches; median of {args.steps} steps "
+          f"after the compiling one.\n")
+    print(markdown_table(["source", "workers", "examples/s", "vs train step"], rows))
+    full_decode_ms = costs.pop(FULL_DECODE)
+    total_ms = sum(costs.values())
+    stage_rows = [[stage, f"{ms:.2f}", f"{ms / total_ms:.2f}"] for stage, ms in costs.items()]
+    stage_rows += [["total", f"{total_ms:.2f}", "1.00"],
+                   [FULL_DECODE, f"{full_decode_ms:.2f}", f"{full_decode_ms / total_ms:.2f}"]]
+    print("\n" + markdown_table(["stage (one thread)", "ms per example", "vs total"], stage_rows))
+
+
+if __name__ == "__main__":
+    main()
