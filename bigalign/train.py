@@ -23,7 +23,7 @@ import optax
 
 from bigalign import config as config_lib
 from bigalign import checkpoint, evaluate, flops, grad_cache, losses, sharding
-from bigalign.data import pipeline, tokenizer as tokenizer_lib
+from bigalign.data import held_out, pipeline, tokenizer as tokenizer_lib
 from bigalign.data.skipping import SKIPPED
 from bigalign.errors import UserError
 from bigalign.metrics import MetricLogger, format_table
@@ -397,7 +397,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
         checkpointer.close()
         train_data.close()
 
-    eval_data = pipeline.eval_data(
+    eval_data = held_out.eval_data(
         config.data, tokenizer, max_len=config.text.max_len, modalities=modalities
     )
     # Every pair of towers, trained or not: binding two modalities to a third one aligns

@@ -5,7 +5,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-from bigalign.data import audio, pipeline, synthetic
+from bigalign.data import audio, held_out, pipeline, synthetic
 from bigalign.errors import UserError
 from helpers import random_seed
 
@@ -85,7 +85,7 @@ def test_image_text_pipelines_do_not_synthesise_sounds(tokenizer, monkeypatch):
     config = small_config()
     dataset = pipeline.train_dataset(config, tokenizer, max_len=12, global_batch_size=8, seed=1)
     assert next(iter(dataset)).keys() == {"image", "text", "skipped"}
-    assert pipeline.eval_data(config, tokenizer, max_len=12)["pairs"]["inputs"].keys() == {"image", "text"}
+    assert held_out.eval_data(config, tokenizer, max_len=12)["pairs"]["inputs"].keys() == {"image", "text"}
 
 
 def test_unknown_modality_is_a_one_line_error(tokenizer):
@@ -97,7 +97,7 @@ def test_unknown_modality_is_a_one_line_error(tokenizer):
             pipeline.train_dataset(config, tokenizer, max_len=8, global_batch_size=8, seed=0,
                                    modalities=modalities)
         with pytest.raises(UserError, match=expected):
-            pipeline.eval_data(config, tokenizer, max_len=8, modalities=modalities)
+            held_out.eval_data(config, tokenizer, max_len=8, modalities=modalities)
 
 
 def test_audio_augmentation_is_a_small_gain(tokenizer):
@@ -210,9 +210,9 @@ def test_resume_through_an_orbax_checkpoint(tokenizer, tmp_path):
 
 @pytest.mark.parametrize("modalities", [("image", "text"), ALL, ("audio", "text")])
 def test_eval_data_matches_the_held_out_split(tokenizer, modalities, monkeypatch):
-    monkeypatch.setattr(pipeline, "EVAL_CHUNK", 20)  # several chunks, the last one partial
+    monkeypatch.setattr(held_out, "EVAL_CHUNK", 20)  # several chunks, the last one partial
     config = small_config()
-    data = pipeline.eval_data(config, tokenizer, max_len=16, modalities=modalities)
+    data = held_out.eval_data(config, tokenizer, max_len=16, modalities=modalities)
     n, classes = config.num_eval, synthetic.NUM_CLASSES
     assert data.keys() == {"pairs", "classes"}
     inputs = data["pairs"]["inputs"]
@@ -246,7 +246,7 @@ def test_eval_data_matches_the_held_out_split(tokenizer, modalities, monkeypatch
         )
     if "audio" in modalities:
         expected = pipeline.normalise_audio(
-            example["audio"][None], pipeline._spectrogram_options(config)
+            example["audio"][None], pipeline.spectrogram_options(config)
         )[0]
         np.testing.assert_allclose(inputs["audio"][i], expected, atol=1e-5)
     label = int(np.random.randint(classes))

@@ -91,7 +91,8 @@ iterator.close()
 
 def iterate_in_subprocess(config: dict, count: int, output, restore="", save=None) -> dict:
     args = [sys.executable, "-c", ITERATE, json.dumps(config), str(count), str(restore), str(output)]
-    subprocess.run(args + ([str(save)] if save else []), check=True, capture_output=True)
+    result = subprocess.run(args + ([str(save)] if save else []), capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-3000:]
     return dict(np.load(output))
 
 

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import tensorflow_datasets as tfds
 
-from bigalign.data import array_record, images, pipeline, skipping, sources, waveforms
+from bigalign.data import array_record, held_out, images, pipeline, skipping, sources, waveforms
 from bigalign.data.csv_source import CsvSource
 from bigalign.data.tfds_source import TfdsSource
 from bigalign.errors import UserError
@@ -94,7 +94,7 @@ def test_csv_train_batches_are_crops_of_the_listed_images(tmp_path, tokenizer):
 def test_csv_eval_pairs_are_centre_crops(tmp_path, tokenizer):
     rng = np.random.default_rng()
     index = write_image_folder(tmp_path, 20, rng)
-    data = pipeline.eval_data(csv_config(index), tokenizer, max_len=12)
+    data = held_out.eval_data(csv_config(index), tokenizer, max_len=12)
     assert data.keys() == {"pairs"}  # no labels: no zero-shot
     inputs = data["pairs"]["inputs"]
     assert inputs["image"].shape == (12, 16, 16, 3)  # num_eval caps the 20 rows
@@ -111,9 +111,9 @@ def test_csv_sounds_give_log_mels_of_resampled_wav_windows(tmp_path, tokenizer):
     index = write_sound_folder(tmp_path, 10, rng)
     config = csv_config(index, csv_image_column="", csv_audio_column="sound")
     assert sources.modalities(config, config.name) == ("text", "audio")
-    options = pipeline._spectrogram_options(config)
+    options = pipeline.spectrogram_options(config)
     clip_samples = round(config.audio.clip_seconds * config.audio.sample_rate)
-    data = pipeline.eval_data(config, tokenizer, max_len=12, modalities=("audio", "text"))
+    data = held_out.eval_data(config, tokenizer, max_len=12, modalities=("audio", "text"))
     i = int(rng.integers(10))
     waveform = waveforms.load(CsvSource(index, image_column="", audio_column="sound")[i]["audio"],
                               config.audio.sample_rate)
@@ -143,9 +143,9 @@ def test_too_many_bad_files_stop_with_one_line_naming_the_file(tmp_path, tokeniz
     bad = {int(i) for i in rng.choice(20, size=3, replace=False)}
     index = write_image_folder(tmp_path, 20, rng, truncated=bad)
     os.remove(tmp_path / "images" / f"{min(bad):04d}.png")  # one of them missing altogether
-    config = csv_config(index, max_skipped_fraction=0.05)
+    config = csv_config(index, max_skipped_fraction=0.05)  # judged after 200 examples
     with pytest.raises(UserError) as error:
-        take(pipeline.train_dataset(config, tokenizer, max_len=12, global_batch_size=4, seed=0), 15)
+        take(pipeline.train_dataset(config, tokenizer, max_len=12, global_batch_size=4, seed=0), 60)
     message = str(error.value)
     assert "\n" not in message and "more than data.max_skipped_fraction=0.05" in message
     named = [i for i in bad if f"images/{i:04d}.png" in message]
@@ -156,13 +156,22 @@ def test_too_many_bad_files_stop_with_one_line_naming_the_file(tmp_path, tokeniz
 
 def test_skip_counter_allows_the_fraction_and_judges_only_after_enough_examples():
     good, bad = {"origin": "ok"}, {"origin": "x.png", "error": "missing file"}
-    counter = skipping.SkipCounter(0.1)
-    assert counter.is_bad(bad)  # 1 of 1, but fewer than 10 read: not judged yet
-    for _ in range(18):
+    fraction = float(np.random.choice([0.05, 0.1, 0.2]))
+    window = round(skipping.JUDGE_AFTER / fraction)
+    counter = skipping.SkipCounter(fraction)
+    for _ in range(skipping.JUDGE_AFTER * 3):  # far above the fraction, but too few read
+        assert counter.is_bad(bad)
+    while counter.seen < window - 1:
         assert not counter.is_bad(good)
-    assert counter.is_bad(bad)  # 2 of 20 = 0.1: allowed
-    with pytest.raises(UserError, match="3 of 21 examples read were unreadable.*x.png"):
+    # At `window` examples read, 3 * JUDGE_AFTER bad ones is more than the fraction allows.
+    with pytest.raises(UserError, match=f"{3 * skipping.JUDGE_AFTER + 1} of {window} examples "
+                                        f"read were unreadable.*x.png"):
         counter.is_bad(bad)
+    allowed = skipping.SkipCounter(fraction)
+    period = round(1 / fraction)
+    for i in range(10 * window):  # the last of every `period` examples: exactly the fraction
+        is_bad = i % period == period - 1
+        assert allowed.is_bad(bad if is_bad else good) == is_bad
     with pytest.raises(UserError, match="x.png"):
         skipping.SkipCounter(0.0).is_bad(bad)
     with pytest.raises(UserError, match=r"must be in \[0, 1\]"):
@@ -222,7 +231,7 @@ def test_tfds_eval_has_pairs_and_zeroshot_classes(mock_cifar, tokenizer):
     config = pipeline.default_config()
     config.update(name="tfds:cifar10", text_key="label", zeroshot_name="tfds:cifar10",
                   image_size=16, num_eval=24)
-    data = pipeline.eval_data(config, tokenizer, max_len=12)
+    data = held_out.eval_data(config, tokenizer, max_len=12)
     assert data["pairs"]["inputs"]["image"].shape == (24, 16, 16, 3)
     classes = data["classes"]
     source = TfdsSource("cifar10", "test", label_key="label", text_key="")
@@ -240,7 +249,7 @@ def test_tfds_eval_has_pairs_and_zeroshot_classes(mock_cifar, tokenizer):
 def test_zeroshot_needs_a_labelled_source(tmp_path, tokenizer):
     index = write_image_folder(tmp_path, 4, np.random.default_rng())
     with pytest.raises(UserError, match="zero-shot needs class labels"):
-        pipeline.eval_data(csv_config(index, zeroshot_name=f"csv:{index}"), tokenizer, max_len=8)
+        held_out.eval_data(csv_config(index, zeroshot_name=f"csv:{index}"), tokenizer, max_len=8)
 
 
 def test_array_record_shards_give_the_csv_pairs(tmp_path, tokenizer):
@@ -251,8 +260,8 @@ def test_array_record_shards_give_the_csv_pairs(tmp_path, tokenizer):
         array_record.examples_from_csv(CsvSource(index), tally), str(tmp_path / "shard"), 3
     )
     config = csv_config(index, eval_name=f"array_record:{tmp_path}/shard-*", num_eval=10)
-    from_shards = pipeline.eval_data(config, tokenizer, max_len=12)["pairs"]["inputs"]
-    from_csv = pipeline.eval_data(csv_config(index, num_eval=10), tokenizer, max_len=12)["pairs"]["inputs"]
+    from_shards = held_out.eval_data(config, tokenizer, max_len=12)["pairs"]["inputs"]
+    from_csv = held_out.eval_data(csv_config(index, num_eval=10), tokenizer, max_len=12)["pairs"]["inputs"]
     # Shards interleave rows (j % 3); as sets of (image, text) the two sources agree.
     as_set = lambda inputs: sorted(  # noqa: E731
         (t.tobytes(), i.tobytes()) for t, i in zip(inputs["text"], inputs["image"]))

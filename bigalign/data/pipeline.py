@@ -1,4 +1,4 @@
-"""Input pipelines: a checkpointable grain training stream and the held-out evaluation arrays.
+"""The training input pipeline: a checkpointable grain stream of model-ready batches.
 
 Training (per JAX process):
     source -> shuffle -> repeat (each epoch reshuffled) -> this process's shard
@@ -45,10 +45,6 @@ AUDIO_LOG_MEL_STD = 1.9
 # Maximum random gain of a training clip, in decibels (uniform in [-G, G]): well below
 # the 8 dB loudness gap between small and large shapes.
 AUDIO_GAIN_DB = 2.0
-# Held-out examples prepared at once by `eval_data` (bounds its working memory).
-EVAL_CHUNK = 1024
-# Threads decoding held-out images (PIL releases the GIL while decoding and resizing).
-EVAL_THREADS = 8
 # Batches the background thread keeps ready when num_workers == 0.
 THREAD_PREFETCH_BATCHES = 2
 # At most this many training examples' captions train a tokenizer (evenly spaced).
@@ -117,7 +113,7 @@ def validate(data_config) -> None:
     sources.prompts(data_config)
 
 
-def _check_modalities(data_config, spec: str, modalities, key="data.name") -> tuple[str, ...]:
+def check_modalities(data_config, spec: str, modalities, key="data.name") -> tuple[str, ...]:
     """`modalities` as a tuple, after checking that the source `spec` provides each one."""
     provided = sources.modalities(data_config, spec)
     unknown = [m for m in modalities if m not in provided]
@@ -132,7 +128,7 @@ def _clip_samples(data_config) -> int:
     return round(data_config.audio.clip_seconds * data_config.audio.sample_rate)
 
 
-def _spectrogram_options(data_config) -> dict:
+def spectrogram_options(data_config) -> dict:
     """Keyword arguments of `audio.log_mel_spectrogram` for the configured audio."""
     options = {
         key: int(data_config.audio[key])
@@ -149,7 +145,7 @@ def input_shapes(data_config, *, max_len: int) -> dict:
     {"image": (H, W, 3), "text": (max_len,), "audio": (frames, mels)}
     """
     provided = sources.modalities(data_config, data_config.name)
-    options = _spectrogram_options(data_config)
+    options = spectrogram_options(data_config)
     frames = audio.num_frames(
         _clip_samples(data_config), options["frame_length"], options["hop_length"]
     )
@@ -243,7 +239,7 @@ def tokenizer_corpus(data_config) -> list[str]:
         stride = max(1, len(source) // TOKENIZER_CORPUS_EXAMPLES)
         texts = [text for i in range(0, len(source), stride) for text in _captions(source[i])]
     if data_config.zeroshot_name:
-        names = _class_names(_zeroshot_source(data_config, data_config.zeroshot_name))
+        names = sources.class_names(sources.open_zeroshot(data_config, data_config.zeroshot_name))
         texts += [t.format(n) for n in names for t in sources.prompts(data_config)]
     return texts
 
@@ -274,9 +270,9 @@ def jitter_gain(example: dict, rng: np.random.Generator) -> dict:
     return {**example, "audio": example["audio"] * gain}
 
 
-def normalise_audio(waveforms: np.ndarray, spectrogram_options: dict) -> np.ndarray:
+def normalise_audio(clips: np.ndarray, spectrogram_options: dict) -> np.ndarray:
     """float32 waveforms [b, S] -> standardised log-mel float32 [b, frames, mels]."""
-    log_mel = audio.log_mel_spectrogram(waveforms, **spectrogram_options)
+    log_mel = audio.log_mel_spectrogram(clips, **spectrogram_options)
     return (log_mel - np.float32(AUDIO_LOG_MEL_MEAN)) * np.float32(1 / AUDIO_LOG_MEL_STD)
 
 
@@ -328,7 +324,7 @@ def train_dataset(
     Yields dicts with the keys `modalities` (any of MODALITIES), each with a leading
     batch dimension b = global_batch_size // jax.process_count(), and "skipped".
     """
-    modalities = _check_modalities(data_config, data_config.name, modalities)
+    modalities = check_modalities(data_config, data_config.name, modalities)
     batch_size = per_process_batch_size(global_batch_size)
     source = sources.open_source(data_config, data_config.name, data_config.train_split,
                                  with_audio="audio" in modalities)
@@ -349,7 +345,7 @@ def train_dataset(
     batches = SkipUnreadable(batches, data_config.max_skipped_fraction)
     batches = batches.batch(batch_size, drop_remainder=True)
     batches = batches.map(
-        PrepareBatch(tokenizer, max_len, modalities, _spectrogram_options(data_config))
+        PrepareBatch(tokenizer, max_len, modalities, spectrogram_options(data_config))
     )
     if data_config.num_workers > 0:
         _mark_absl_flags_parsed()
@@ -366,113 +362,3 @@ def _mark_absl_flags_parsed() -> None:
     """grain's mp_prefetch reads absl flags; outside `app.run` (tests, notebooks) use defaults."""
     if not flags.FLAGS.is_parsed():
         flags.FLAGS.mark_as_parsed()
-
-
-def _eval_spec(data_config) -> str:
-    """The held-out pairs' source: data.eval_name, else shapes or the tfds training set."""
-    if data_config.eval_name:
-        return data_config.eval_name
-    kind, _ = sources.parse(data_config.name)
-    return data_config.name if kind in ("shapes", "tfds") else ""
-
-
-def _zeroshot_source(data_config, spec: str, modalities=("image",)):
-    return sources.open_source(data_config, spec, data_config.zeroshot_split, role="classes",
-                               with_audio="audio" in modalities)
-
-
-def _held_out_examples(data_config, source, spec: str) -> list[dict]:
-    """The first data.num_eval readable examples of `source`, images centre-cropped."""
-    examples = grain.MapDataset.source(source)[: data_config.num_eval]
-    if sources.parse(spec)[0] != "shapes":  # shapes are rendered at the model's size
-        examples = examples.map(EvalView(data_config))
-    counter = SkipCounter(data_config.max_skipped_fraction)
-    read = examples.to_iter_dataset(grain.ReadOptions(num_threads=EVAL_THREADS))
-    kept = [example for example in read if not counter.is_bad(example)]
-    if not kept:
-        raise UserError(f"the held-out data {spec!r} has no readable examples")
-    return kept
-
-
-def _prepare_held_out(examples: list[dict], prepare: PrepareBatch) -> dict:
-    """Model inputs {modality: [N, ...]} of `examples`, prepared EVAL_CHUNK at a time."""
-    chunks = []
-    for start in range(0, len(examples), EVAL_CHUNK):
-        chunk = examples[start : start + EVAL_CHUNK]
-        keys = [key for key in ("image", "caption", "audio") if key in chunk[0]]
-        chunks.append(prepare.map({key: np.stack([e[key] for e in chunk]) for key in keys}))
-    return {m: np.concatenate([chunk[m] for chunk in chunks]) for m in prepare.modalities}
-
-
-def _class_names(source) -> list[str]:
-    """The zero-shot class names of a labelled source (shapes: colour x shape)."""
-    names = getattr(source, "class_names", synthetic.CLASS_NAMES)
-    if not names:
-        raise UserError(f"{source!r} has no class names for zero-shot; point data.label_key at a "
-                        f"ClassLabel feature or list them in a data.class_names file")
-    return list(names)
-
-
-def _class_texts(data_config, spec: str, names: list[str]) -> list[list[str]]:
-    """The prompts of each class: [C][P] strings."""
-    if sources.parse(spec)[0] == "shapes":
-        return [synthetic.class_prompts(label) for label in range(len(names))]
-    return [[t.format(name) for t in sources.prompts(data_config)] for name in names]
-
-
-def _zeroshot_data(data_config, tokenizer, max_len, spec, modalities, held_out=None) -> dict:
-    """Zero-shot arrays for the non-text `modalities`; reuses `held_out` (examples, inputs)."""
-    source = _zeroshot_source(data_config, spec, modalities)
-    prepare = PrepareBatch(tokenizer, max_len, modalities, _spectrogram_options(data_config))
-    if held_out is None:
-        examples = _held_out_examples(data_config, source, spec)
-        inputs = _prepare_held_out(examples, prepare)
-    else:
-        examples, inputs = held_out
-    names = _class_names(source)
-    labels = np.array([e["label"] for e in examples], np.int32)
-    if labels.min() < 0 or labels.max() >= len(names):
-        raise UserError(f"{spec!r} has labels up to {labels.max()} but {len(names)} class names; "
-                        f"check data.label_key and data.class_names")
-    prompts = _class_texts(data_config, spec, names)
-    class_texts = tokenizer.encode([p for group in prompts for p in group], max_len)
-    return {
-        "inputs": {m: inputs[m] for m in modalities},
-        "labels": labels,
-        "class_texts": class_texts.reshape(len(names), len(prompts[0]), max_len),
-        "class_names": names,
-    }
-
-
-def eval_data(data_config, tokenizer: Tokenizer, *, max_len: int, modalities=("image", "text")):
-    """The held-out arrays for `evaluate.evaluate`, prepared as in training without augmentation.
-
-    Returns a dict with either or both of
-    - "pairs": {"inputs": {modality: [N, ...]}}, the held-out pairs for retrieval
-      (data.eval_name; "text" holds each example's first caption);
-    - "classes": {"inputs": {modality: [M, ...]}, "labels": int32 [M],
-      "class_texts": int32 [C, P, max_len] (P prompts per class), "class_names": C strings},
-      for zero-shot classification (data.zeroshot_name; needs a text tower).
-    """
-    modalities = tuple(modalities)
-    result, held_out = {}, None
-    pairs_spec = _eval_spec(data_config)
-    if pairs_spec:
-        _check_modalities(data_config, pairs_spec, modalities,
-                          "data.eval_name" if data_config.eval_name else "data.name")
-        source = sources.open_source(data_config, pairs_spec, data_config.eval_split,
-                                     with_audio="audio" in modalities)
-        prepare = PrepareBatch(tokenizer, max_len, modalities, _spectrogram_options(data_config))
-        examples = _held_out_examples(data_config, source, pairs_spec)
-        held_out = (examples, _prepare_held_out(examples, prepare))
-        result["pairs"] = {"inputs": held_out[1]}
-    zeroshot_spec = data_config.zeroshot_name or ("shapes" if pairs_spec == "shapes" else "")
-    if zeroshot_spec and "text" in modalities:
-        provided = sources.modalities(data_config, zeroshot_spec)
-        classified = [m for m in modalities if m != "text" and m in provided]
-        if classified:
-            reuse = held_out if zeroshot_spec == pairs_spec == "shapes" else None
-            result["classes"] = _zeroshot_data(
-                data_config, tokenizer, max_len, zeroshot_spec, tuple(classified), reuse
-            )
-    return result

@@ -5,8 +5,10 @@ or decoder reported an "error" (see sources.py) is dropped from the stream;
 each kept example records how many were dropped just before it ("skipped"),
 so a batch knows how many examples its assembly skipped, whichever worker
 process built it. When more than `max_fraction` of the examples read so far
-were dropped (checked once at least 1 / max_fraction were read), the stream
-stops with a one-line error naming the last bad file.
+were dropped, the stream stops with a one-line error naming the last bad file.
+The fraction is judged once JUDGE_AFTER / max_fraction examples were read (at
+the limit, about JUDGE_AFTER bad ones): earlier, a couple of bad files that
+happen to come first, or to land in one worker's share, would look like a high rate.
 """
 
 import math
@@ -16,6 +18,7 @@ import grain
 from bigalign.errors import UserError
 
 SKIPPED = "skipped"  # per-example key: unreadable examples dropped just before this one
+JUDGE_AFTER = 10  # bad examples expected at the limit before the fraction is judged
 
 
 class UnreadableExample(Exception):
@@ -30,8 +33,7 @@ class SkipCounter:
             raise UserError(f"data.max_skipped_fraction={max_fraction} must be in [0, 1]")
         self.max_fraction = max_fraction
         self.seen, self.skipped = seen, skipped
-        # Below this many examples one bad file would be a large fraction: do not judge yet.
-        self._min_seen = math.ceil(1 / max_fraction) if max_fraction > 0 else 1
+        self._min_seen = math.ceil(JUDGE_AFTER / max_fraction) if max_fraction > 0 else 1
 
     def is_bad(self, example: dict) -> bool:
         """Records `example`; True if it must be dropped. Raises when the fraction is exceeded."""

@@ -113,3 +113,18 @@ def open_source(data_config, spec: str, split: str, *, role: str = "pairs",
             separator=data_config.csv_separator,
         )
     return array_record.ArrayRecordSource(argument)
+
+
+def open_zeroshot(data_config, spec: str, modalities=("image",)):
+    """The labelled source `spec` at data.zeroshot_split, for zero-shot classification."""
+    return open_source(data_config, spec, data_config.zeroshot_split, role="classes",
+                       with_audio="audio" in modalities)
+
+
+def class_names(source) -> list[str]:
+    """The zero-shot class names of a labelled source (shapes: colour x shape)."""
+    names = getattr(source, "class_names", synthetic.CLASS_NAMES)
+    if not names:
+        raise UserError(f"{source!r} has no class names for zero-shot; point data.label_key at a "
+                        f"ClassLabel feature or list them in a data.class_names file")
+    return list(names)
