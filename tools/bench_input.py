@@ -15,15 +15,20 @@ It then measures, in examples per second:
   `--num-workers` (0: one background thread): `--batches` batches timed after a
   warm-up of `--warmup` batches per producer (the thread or each worker), which
   covers the start of the worker processes;
-- the train step of `--model` (both towers, sigmoid loss, backward, AdamW) on random
-  batches already on the devices: batch size / median time of `--steps` steps after
-  one that compiles. The devices are JAX's defaults (1 on a CPU).
-The table gives each pipeline's rate as a ratio to the train step's: above 1 the
-pipeline keeps up. Both are measured alone; in training they share the host's cores.
-A second table splits one example's pipeline cost into its stages (single thread):
-reading the file, decoding the JPEG (`images.load`, with `draft`; also shown without
-it, for comparison), cropping and resizing (`images.train_view`), and preparing the
-batch (`pipeline.PrepareBatch`: tokenizing and normalising).
+- the train step of `--model` (both towers, sigmoid loss, backward, AdamW) on a random
+  batch already on the devices, compiled and run once beforehand: `--steps` steps,
+  each waited for. The devices are JAX's defaults (1 on a CPU).
+Every row is measured `--rounds` times, the rows in turn, so that load from other
+processes on a shared machine hits all of them alike; a row's rate is its examples
+over its time, summed over the rounds. The table gives each pipeline's rate as a
+ratio to the train step's: above 1 the pipeline keeps up. Both are measured alone;
+in training they share the host's cores.
+
+A second table splits one example's pipeline cost into its stages, on one thread (the
+fastest of 3 passes over 256 images): reading the file, decoding the JPEG
+(`images.load`, with `draft`; also shown without it, for comparison), cropping and
+resizing (`images.train_view`), and preparing the batch (`pipeline.PrepareBatch`:
+tokenizing and normalising).
 
     python tools/bench_input.py
     python tools/bench_input.py --num-workers 0,4,8,16 --model S/16 --batches 64
@@ -57,6 +62,7 @@ CAPTION_WORDS = (8, 20)
 NUM_SHARDS = 8
 TOKENIZER_VOCAB = 1000
 STAGE_SAMPLE = 256  # images timed per stage in the breakdown
+STAGE_REPEATS = 3  # passes over them per stage
 FULL_DECODE = "(decode JPEG at full size, no draft)"  # for comparison; not a pipeline stage
 WORDS = (
     "a an the two three some of on in at with near under over behind beside and "
@@ -128,8 +134,9 @@ def data_config(args, spec: str, num_workers: int):
     return data
 
 
-def pipeline_rate(args, spec: str, num_workers: int, tokenizer) -> float:
-    """Examples/s of `train_dataset(spec)` with `num_workers`, after the warm-up."""
+def pipeline_seconds(args, spec: str, num_workers: int, tokenizer) -> float:
+    """Seconds that `train_dataset(spec)` with `num_workers` takes for `--batches` batches
+    after the warm-up. The iterator is closed after, so no worker runs on in the background."""
     dataset = pipeline.train_dataset(
         data_config(args, spec, num_workers), tokenizer, max_len=args.max_len,
         global_batch_size=args.batch_size, seed=0,
@@ -141,10 +148,9 @@ def pipeline_rate(args, spec: str, num_workers: int, tokenizer) -> float:
         start = time.perf_counter()
         for _ in range(args.batches):
             next(iterator)
-        seconds = time.perf_counter() - start
+        return time.perf_counter() - start
     finally:
         iterator.close()
-    return args.batches * args.batch_size / seconds
 
 
 def model_config(args):
@@ -161,40 +167,56 @@ def model_config(args):
     return config
 
 
-def train_step_rate(args) -> float:
-    """Examples/s of the jitted train step on a random batch already on the devices."""
-    config = model_config(args)
-    mesh = sharding.make_mesh(config.mesh)
-    model = towers.build_model(
-        config.model, vocab_size=config.text.vocab_size, max_len=config.text.max_len
-    )
-    optimizer = train.make_optimizer(config)
-    state = train.create_train_state(config, model, optimizer, mesh)
-    batch = sharding.global_batch(train.random_batch(config, np.random.default_rng(0)), mesh)
-    step = train.make_train_step(config, model, optimizer, mesh, sharding.shardings_of(state))
-    times = []
-    for i in range(args.steps + 1):  # the first call compiles
+class TrainStep:
+    """The compiled train step of `--model` with its state and a random batch on the devices."""
+
+    def __init__(self, args):
+        config = model_config(args)
+        mesh = sharding.make_mesh(config.mesh)
+        model = towers.build_model(
+            config.model, vocab_size=config.text.vocab_size, max_len=config.text.max_len
+        )
+        optimizer = train.make_optimizer(config)
+        self.state = train.create_train_state(config, model, optimizer, mesh)
+        self.batch = sharding.global_batch(
+            train.random_batch(config, np.random.default_rng(0)), mesh
+        )
+        step = train.make_train_step(config, model, optimizer, mesh,
+                                     sharding.shardings_of(self.state))
+        self.step = step.lower(self.state, self.batch).compile()
+        self.seconds(1)  # the first run also allocates
+
+    def seconds(self, steps: int) -> float:
+        """Wall time of `steps` steps, each one finished before the next starts."""
         start = time.perf_counter()
-        state, metrics = step(state, batch)
-        jax.block_until_ready((state, metrics))
-        if i:
-            times.append(time.perf_counter() - start)
-    return args.batch_size / statistics.median(times)
+        for _ in range(steps):
+            self.state, metrics = self.step(self.state, self.batch)
+            jax.block_until_ready((self.state, metrics))
+        return time.perf_counter() - start
 
 
 def timed_map(function, items) -> tuple[list, float]:
-    """([function(item) ...], milliseconds per item)."""
-    start = time.perf_counter()
-    results = [function(item) for item in items]
-    return results, (time.perf_counter() - start) * 1e3 / len(items)
+    """([function(item) ...], milliseconds per item): the fastest of STAGE_REPEATS passes,
+    the one least disturbed by other processes."""
+    best = math.inf
+    for _ in range(STAGE_REPEATS):
+        start = time.perf_counter()
+        results = [function(item) for item in items]
+        best = min(best, time.perf_counter() - start)
+    return results, best * 1e3 / len(items)
 
 
 def stage_costs(args, index: str, tokenizer) -> dict[str, float]:
-    """Milliseconds per example of each stage of the training view and batch, on one thread."""
+    """Milliseconds per example of each stage of the training view and batch, on one thread.
+
+    Crop/resize/flip is `images.train_view` of the encoded bytes minus their decoding alone,
+    so that it is timed from the decoded PIL image, as in the pipeline.
+    """
     source = CsvSource(index)
     examples = [source[i] for i in range(min(STAGE_SAMPLE, len(source)))]
     crop = pipeline.default_config()
     min_side = math.ceil(args.image_size / math.sqrt(crop.crop_scale[0]))  # as train_view
+    rng = np.random.default_rng(0)
 
     def read(example):
         with open(example["image"], "rb") as f:
@@ -204,24 +226,26 @@ def stage_costs(args, index: str, tokenizer) -> dict[str, float]:
         with Image.open(io.BytesIO(encoded)) as image:
             return image.convert("RGB")
 
+    def view(encoded):
+        return images.train_view(encoded, args.image_size, rng, scale=crop.crop_scale,
+                                 ratio=crop.crop_ratio, flip=crop.flip)
+
     encoded, read_ms = timed_map(read, examples)
     _, full_ms = timed_map(decode_full, encoded)
-    decoded, decode_ms = timed_map(lambda data: np.asarray(images.load(data, min_side=min_side)),
-                                   encoded)
-    rng = np.random.default_rng(0)
-    views, view_ms = timed_map(
-        lambda pixels: images.train_view(pixels, args.image_size, rng, scale=crop.crop_scale,
-                                         ratio=crop.crop_ratio, flip=crop.flip),
-        decoded,
-    )
+    _, decode_ms = timed_map(lambda data: images.load(data, min_side=min_side), encoded)
+    views, decode_view_ms = timed_map(view, encoded)
     prepare = pipeline.PrepareBatch(tokenizer, args.max_len, ("image", "text"), {})
-    batch = {"image": np.stack(views), "caption": np.array([e["caption"] for e in examples])}
-    _, prepare_ms = timed_map(prepare.map, [batch])
+    batches = [
+        {"image": np.stack(views[i : i + args.batch_size]),
+         "caption": np.array([e["caption"] for e in examples[i : i + args.batch_size]])}
+        for i in range(0, len(examples), args.batch_size)
+    ]
+    _, prepare_ms = timed_map(prepare.map, batches)
     return {
         "read file": read_ms,
         "decode JPEG (draft)": decode_ms,
-        "crop, resize, flip": view_ms,
-        "prepare batch": prepare_ms / len(examples),
+        "crop, resize, flip": decode_view_ms - decode_ms,
+        "prepare batch": prepare_ms * len(batches) / len(examples),
         FULL_DECODE: full_ms,
     }
 
@@ -240,11 +264,21 @@ def markdown_table(header: list[str], rows: list[list[str]]) -> str:
     return "\n".join([render(header), rule, *map(render, rows)])
 
 
+def stage_table(costs: dict[str, float]) -> str:
+    """The stage costs with their shares of the total; the full-size decode after, apart."""
+    stages = {stage: ms for stage, ms in costs.items() if stage != FULL_DECODE}
+    total_ms = sum(stages.values())
+    rows = [[stage, f"{ms:.2f}", f"{ms / total_ms:.2f}"]
+            for stage, ms in [*stages.items(), ("total", total_ms),
+                              (FULL_DECODE, costs[FULL_DECODE])]]
+    return markdown_table(["stage (one thread)", "ms per example", "vs total"], rows)
+
+
 def parse_args():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--workdir", default="",
-                        help="where the dataset is written once and reused (default: a new "
-                             "temporary folder)")
+                        help="where the dataset is written once and reused (default: a "
+                             "temporary folder, deleted at the end)")
     parser.add_argument("--num-images", type=int, default=2000)
     parser.add_argument("--num-workers", default="0,1,2",
                         help="comma-separated data.num_workers values (0: a background thread)")
@@ -259,53 +293,73 @@ def parse_args():
     parser.add_argument("--warmup", type=int, default=3,
                         help="untimed batches per producer (the thread or each worker)")
     parser.add_argument("--batches", type=int, default=24, help="timed batches per pipeline row")
-    parser.add_argument("--steps", type=int, default=5, help="timed train steps")
+    parser.add_argument("--steps", type=int, default=3, help="timed train steps per round")
+    parser.add_argument("--rounds", type=int, default=2,
+                        help="times every row is measured, the rows in turn, so that load from "
+                             "other processes hits all of them alike")
     args = parser.parse_args()
     args.num_workers = [int(n) for n in args.num_workers.split(",")]
-    if min(args.num_workers) < 0 or args.batches < 1 or args.steps < 1 or args.warmup < 1:
-        parser.error("--num-workers must be >= 0; --batches, --steps and --warmup >= 1")
+    if min(args.num_workers) < 0 or min(args.batches, args.steps, args.warmup, args.rounds) < 1:
+        parser.error("--num-workers must be >= 0; --batches, --steps, --warmup, --rounds >= 1")
     return args
 
 
-def main():
-    args = parse_args()
-    print("$ python tools/bench_input.py " + shlex.join(sys.argv[1:]), flush=True)
-    workdir = args.workdir or tempfile.mkdtemp(prefix="bench_input-")
+def run(args, workdir: str) -> None:
+    """Writes (or reuses) the dataset under `workdir`, measures every row, prints the tables."""
     folder = os.path.join(workdir, f"synthetic-{args.num_images}")
     index, shards = make_dataset(folder, args.num_images)
     tokenizer = tokenizer_lib.Tokenizer.load(tokenizer_path(folder))
     load_before = os.getloadavg()[0]
 
-    step_rate = train_step_rate(args)
-    print(f"train step: {step_rate:.1f} examples/s", file=sys.stderr, flush=True)
-    rows = []
-    for spec in (f"csv:{index}", f"array_record:{shards}"):
-        for workers in args.num_workers:
-            rate = pipeline_rate(args, spec, workers, tokenizer)
-            kind = spec.partition(":")[0]
-            print(f"{kind}, {workers} workers: {rate:.1f} examples/s", file=sys.stderr, flush=True)
-            rows.append([kind, str(workers), f"{rate:.1f}", f"{rate / step_rate:.2f}"])
-    rows.append([f"train step ({args.model})", "-", f"{step_rate:.1f}", "1.00"])
+    start = time.perf_counter()
+    train_step = TrainStep(args)
+    print(f"compiled the train step in {time.perf_counter() - start:.0f} s", file=sys.stderr,
+          flush=True)
+    rows = [(kind, spec, workers)
+            for kind, spec in (("csv", f"csv:{index}"), ("array_record", f"array_record:{shards}"))
+            for workers in args.num_workers]
+    step_seconds = 0.0
+    row_seconds = dict.fromkeys(rows, 0.0)
+    for round_index in range(args.rounds):
+        step_seconds += train_step.seconds(args.steps)
+        for row in rows:
+            _, spec, workers = row
+            row_seconds[row] += pipeline_seconds(args, spec, workers, tokenizer)
+        print(f"round {round_index + 1} of {args.rounds} done", file=sys.stderr, flush=True)
+    del train_step
     costs = stage_costs(args, index, tokenizer)
+
+    step_rate = args.rounds * args.steps * args.batch_size / step_seconds
+    table = []
+    for (kind, _, workers), seconds in row_seconds.items():
+        rate = args.rounds * args.batches * args.batch_size / seconds
+        table.append([kind, str(workers), f"{rate:.0f}", f"{rate / step_rate:.2f}"])
+    table.append([f"train step ({args.model})", "-", f"{step_rate:.1f}", "1.00"])
 
     devices = jax.devices()
     sizes = [os.path.getsize(os.path.join(folder, "images", name))
              for name in os.listdir(os.path.join(folder, "images"))]
     print(f"\n{os.cpu_count()} CPU cores, {len(devices)} x {devices[0].device_kind} "
           f"({devices[0].platform}), jax {jax.__version__}; load average {load_before:.1f} "
-          f"before the run.\nData: {args.num_images} JPEGs of {SIDES[0]} to {SIDES[1]} px "
-          f"(mean {statistics.mean(sizes) / 1e3:.0f} KB) at {args.image_size} px, global batch "
-          f"{args.batch_size}, captions to {args.max_len} tokens; {args.batches} batches timed "
-          f"after {args.warmup} per producer. Train step: image {args.model}, text "
-          f"{args.model.partition('/')[0]}, on random batches; median of {args.steps} steps "
-          f"after the compiling one.\n")
-    print(markdown_table(["source", "workers", "examples/s", "vs train step"], rows))
-    full_decode_ms = costs.pop(FULL_DECODE)
-    total_ms = sum(costs.values())
-    stage_rows = [[stage, f"{ms:.2f}", f"{ms / total_ms:.2f}"] for stage, ms in costs.items()]
-    stage_rows += [["total", f"{total_ms:.2f}", "1.00"],
-                   [FULL_DECODE, f"{full_decode_ms:.2f}", f"{full_decode_ms / total_ms:.2f}"]]
-    print("\n" + markdown_table(["stage (one thread)", "ms per example", "vs total"], stage_rows))
+          f"before the run, {os.getloadavg()[0]:.1f} after.\n"
+          f"Data: {args.num_images} JPEGs of {SIDES[0]} to {SIDES[1]} px (mean "
+          f"{statistics.mean(sizes) / 1e3:.0f} KB) cropped to {args.image_size} px, global batch "
+          f"{args.batch_size}, captions to {args.max_len} tokens; per round, {args.batches} "
+          f"batches timed after {args.warmup} per producer. Train step: image {args.model}, text "
+          f"{args.model.partition('/')[0]}, random batches on the devices; {args.steps} steps "
+          f"per round. {args.rounds} rounds, each running every row in turn.\n")
+    print(markdown_table(["source", "workers", "examples/s", "vs train step"], table))
+    print("\n" + stage_table(costs))
+
+
+def main():
+    args = parse_args()
+    print("$ python tools/bench_input.py " + shlex.join(sys.argv[1:]), flush=True)
+    if args.workdir:
+        run(args, args.workdir)
+        return
+    with tempfile.TemporaryDirectory(prefix="bench_input-") as workdir:
+        run(args, workdir)
 
 
 if __name__ == "__main__":
