@@ -106,6 +106,20 @@ def base_config() -> ml_collections.ConfigDict:
     return c
 
 
+def sized_config(variant: str, *, batch_size: int, image_size: int, max_len: int,
+                 vocab_size: int, embed_dim: int) -> ml_collections.ConfigDict:
+    """base_config with an image tower of a named size ("B/16") and a text tower of the
+    same size ("B"), for benchmarks and scaling experiments on random inputs."""
+    config = base_config()
+    config.batch_size = batch_size
+    config.data.image_size = image_size
+    config.text.update(max_len=max_len, vocab_size=vocab_size)
+    config.model.embed_dim = embed_dim
+    config.model.image.variant = variant
+    config.model.text.variant = variant.partition("/")[0]
+    return config
+
+
 def _unknown_keys(config, schema, prefix=""):
     """Yields (dotted key, close valid names) for keys of `config` absent from `schema`.
 

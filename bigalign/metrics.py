@@ -66,3 +66,17 @@ def format_table(metrics: dict) -> str:
     lines = [f"{'metric':<{width}}  value", f"{'-' * width}  ------"]
     lines += [f"{name:<{width}}  {value:.4f}" for name, value in metrics.items()]
     return "\n".join(lines)
+
+
+def markdown_table(header: list[str], rows: list[list[str]]) -> str:
+    """An aligned markdown table (readable as plain text): first column left, the rest right."""
+    widths = [max(len(row[i]) for row in [header, *rows]) for i in range(len(header))]
+
+    def render(cells):
+        padded = [cell.ljust(w) if i == 0 else cell.rjust(w)
+                  for i, (cell, w) in enumerate(zip(cells, widths))]
+        return "| " + " | ".join(padded) + " |"
+
+    rule = "|" + "|".join("-" * (w + 2) if i == 0 else "-" * (w + 1) + ":"
+                          for i, w in enumerate(widths)) + "|"
+    return "\n".join([render(header), rule, *map(render, rows)])

@@ -79,11 +79,15 @@ def make_optimizer(config) -> optax.GradientTransformation:
     )
 
 
+# What the input pipeline sends per modality (others: float32).
+INPUT_DTYPES = {"image": jnp.uint8, "text": jnp.int32}
+
+
 def example_batch(config) -> dict:
     """A one-example batch with the shapes every tower sees, for initialisation."""
     shapes = pipeline.input_shapes(config.data, max_len=config.text.max_len)
     return {
-        name: jnp.ones((1, *shapes[name]), jnp.int32 if name == "text" else jnp.float32)
+        name: jnp.ones((1, *shapes[name]), INPUT_DTYPES.get(name, jnp.float32))
         for name in towers.tower_names(config.model)
     }
 
@@ -91,14 +95,18 @@ def example_batch(config) -> dict:
 def random_batch(config, rng: np.random.Generator) -> dict:
     """A global batch of random inputs with the config's shapes, for benchmarks and tests.
 
-    Gaussian images and spectrograms; token rows of ids >= 3 ending in EOS (2) at a
-    random length, then padding.
+    Uniform uint8 pixels, Gaussian spectrograms; token rows of ids >= 3 ending in EOS (2)
+    at a random length, then padding.
     """
     shapes = pipeline.input_shapes(config.data, max_len=config.text.max_len)
     batch = {}
     for name in towers.tower_names(config.model):
+        shape = (config.batch_size, *shapes[name])
+        if name == "image":
+            batch[name] = rng.integers(0, 256, size=shape, dtype=np.uint8)
+            continue
         if name != "text":
-            batch[name] = rng.normal(size=(config.batch_size, *shapes[name])).astype(np.float32)
+            batch[name] = rng.normal(size=shape).astype(np.float32)
             continue
         length = config.text.max_len
         tokens = rng.integers(3, config.text.vocab_size, size=(config.batch_size, length))

@@ -53,6 +53,17 @@ def test_vit_output_shape_and_parameter_count(pool):
     assert count(params) == patch_encoder_params(patch * patch * 3, tokens, width, depth, mlp, pool)
 
 
+def test_vit_scales_uint8_pixels_to_the_unit_range():
+    rng = np.random.default_rng()
+    pixels = rng.integers(0, 256, size=(2, 8, 8, 3), dtype=np.uint8)
+    vit = VisionTransformer(4, 16, 1, num_heads=2, mlp_dim=32)
+    params = vit.init(jax.random.key(int(rng.integers(1000))), pixels.astype(np.float32))
+    scaled = pixels.astype(np.float32) / 255 * 2 - 1
+    assert scaled.min() >= -1 and scaled.max() <= 1
+    np.testing.assert_allclose(vit.apply(params, jnp.asarray(pixels)), vit.apply(params, scaled),
+                               rtol=1e-5, atol=1e-6)
+
+
 @pytest.mark.parametrize("pool, patch_size", [("gap", 4)] + [(pool, (8, 2)) for pool in audio.POOLINGS])
 def test_audio_tower_output_and_parameter_count(pool, patch_size):
     """Spectrogram patches are (frames, mels); frames past the last whole patch are dropped."""

@@ -52,6 +52,7 @@ import numpy as np
 from PIL import Image
 
 from bigalign import config as config_lib, sharding, train
+from bigalign.metrics import markdown_table
 from bigalign.data import array_record, images, pipeline, tokenizer as tokenizer_lib
 from bigalign.data.csv_source import CsvSource
 from bigalign.models import towers
@@ -155,14 +156,10 @@ def pipeline_seconds(args, spec: str, num_workers: int, tokenizer) -> float:
 
 def model_config(args):
     """`--model` for the image tower, the same size without the patch for the text tower."""
-    config = config_lib.base_config()
-    config.batch_size = args.batch_size
-    config.data.image_size = args.image_size
-    config.text.max_len = args.max_len
-    config.text.vocab_size = args.vocab_size
-    config.model.embed_dim = args.embed_dim
-    config.model.image.variant = args.model
-    config.model.text.variant = args.model.partition("/")[0]
+    config = config_lib.sized_config(
+        args.model, batch_size=args.batch_size, image_size=args.image_size,
+        max_len=args.max_len, vocab_size=args.vocab_size, embed_dim=args.embed_dim,
+    )
     config_lib.validate(config)
     return config
 
@@ -248,20 +245,6 @@ def stage_costs(args, index: str, tokenizer) -> dict[str, float]:
         "prepare batch": prepare_ms * len(batches) / len(examples),
         FULL_DECODE: full_ms,
     }
-
-
-def markdown_table(header: list[str], rows: list[list[str]]) -> str:
-    """An aligned markdown table: first column left-aligned, the rest right-aligned."""
-    widths = [max(len(row[i]) for row in [header, *rows]) for i in range(len(header))]
-
-    def render(cells):
-        padded = [cell.ljust(w) if i == 0 else cell.rjust(w)
-                  for i, (cell, w) in enumerate(zip(cells, widths))]
-        return "| " + " | ".join(padded) + " |"
-
-    rule = "|" + "|".join("-" * (w + 2) if i == 0 else "-" * (w + 1) + ":"
-                          for i, w in enumerate(widths)) + "|"
-    return "\n".join([render(header), rule, *map(render, rows)])
 
 
 def stage_table(costs: dict[str, float]) -> str:

@@ -66,6 +66,7 @@ import jax  # noqa: E402  (must come after XLA_FLAGS)
 import numpy as np  # noqa: E402
 
 from bigalign import config as config_lib, sharding, train  # noqa: E402
+from bigalign.metrics import markdown_table  # noqa: E402
 from bigalign.models import towers  # noqa: E402
 
 MIB = 2**20
@@ -97,16 +98,10 @@ def row_overrides(num_devices: int) -> dict[str, dict]:
 
 def base_config(args):
     """The baseline: `--size` for both towers (the text tower takes its name without the patch)."""
-    config = config_lib.base_config()
-    config.batch_size = args.batch_size
-    config.data.image_size = args.image_size
-    config.text.max_len = args.max_len
-    config.text.vocab_size = args.vocab_size
-    config.model.embed_dim = args.embed_dim
-    config.model.image.variant = args.size
-    config.model.text.variant = args.size.partition("/")[0]
-    config.mesh.data, config.mesh.fsdp = -1, 1
-    return config
+    return config_lib.sized_config(
+        args.size, batch_size=args.batch_size, image_size=args.image_size,
+        max_len=args.max_len, vocab_size=args.vocab_size, embed_dim=args.embed_dim,
+    )
 
 
 def bytes_on_device(tree, device) -> int:
@@ -222,16 +217,7 @@ def format_table(rows: dict[str, Row]) -> str:
         ]
         for name, row in rows.items()
     ]
-    widths = [max(len(line[i]) for line in [header, *lines]) for i in range(len(header))]
-
-    def render(cells):  # first column left-aligned, numbers right-aligned
-        padded = [cell.ljust(w) if i == 0 else cell.rjust(w)
-                  for i, (cell, w) in enumerate(zip(cells, widths))]
-        return "| " + " | ".join(padded) + " |"
-
-    rule = "|" + "|".join("-" * (w + 2) if i == 0 else "-" * (w + 1) + ":"
-                          for i, w in enumerate(widths)) + "|"
-    return "\n".join([render(header), rule, *map(render, lines)])
+    return markdown_table(header, lines)
 
 
 def parse_args():

@@ -16,7 +16,8 @@ images get a random-resized crop and a flip in training and a centre crop in
 evaluation (images.py).
 
 Each batch holds exactly the requested modalities (`MODALITIES` names them all):
-- "image": float32 [b, H, W, 3], normalised to [-1, 1]: (x / 255 - 0.5) / 0.5.
+- "image": uint8 [b, H, W, 3] pixels; the image tower scales them to [-1, 1] on the
+  device (a quarter of float32's bytes through worker processes and host-to-device).
 - "text": int32 [b, max_len], the caption's token ids.
 - "audio": float32 [b, frames, mels], the log-mel spectrogram (`audio.log_mel_spectrogram`)
   standardised with fixed constants, (x - AUDIO_LOG_MEL_MEAN) / AUDIO_LOG_MEL_STD, so that
@@ -244,11 +245,6 @@ def tokenizer_corpus(data_config) -> list[str]:
     return texts
 
 
-def normalise_images(pixels: np.ndarray) -> np.ndarray:
-    """uint8 [..., H, W, 3] -> float32 in [-1, 1]."""
-    return pixels.astype(np.float32) * np.float32(2 / 255) - np.float32(1)
-
-
 def jitter_photometric(example: dict, rng: np.random.Generator) -> dict:
     """Light brightness/contrast change and pixel noise on uint8 [H, W, 3].
 
@@ -287,7 +283,7 @@ class PrepareBatch(grain.transforms.Map):
 
     def _prepare(self, modality: str, batch: dict) -> np.ndarray:
         if modality == "image":
-            return normalise_images(batch["image"])
+            return batch["image"]  # uint8: the image tower scales it on the device
         if modality == "text":
             return self.tokenizer.encode([str(c) for c in batch["caption"]], self.max_len)
         return normalise_audio(batch["audio"], self.spectrogram_options)

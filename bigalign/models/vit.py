@@ -17,6 +17,11 @@ from bigalign.models.transformer import AttentionPool, Dtype, partitioned, tower
 POOLINGS = ("gap", "cls", "map")
 
 
+def normalise_pixels(pixels):
+    """uint8 [..., H, W, 3] -> float32 in [-1, 1]: (x / 255 - 0.5) / 0.5."""
+    return pixels.astype(jnp.float32) * (2 / 255) - 1
+
+
 class VisionTransformer(nn.Module):
     """A patch encoder over [B, H, W, C]; `patch_size` is an int (square) or (rows, cols)."""
 
@@ -32,8 +37,12 @@ class VisionTransformer(nn.Module):
     scan_layers: bool = False
 
     def as_image(self, inputs):
-        """The [B, H, W, C] grid to cut into patches; subclasses adapt other inputs."""
-        return inputs
+        """The [B, H, W, C] grid to cut into patches; subclasses adapt other inputs.
+
+        uint8 pixels (as the input pipeline sends them: a quarter of float32's bytes
+        host-to-device) are scaled to [-1, 1] here; float inputs are taken as they are.
+        """
+        return normalise_pixels(inputs) if inputs.dtype == jnp.uint8 else inputs
 
     @nn.compact
     def __call__(self, inputs, *, deterministic: bool = True):
