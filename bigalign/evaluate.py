@@ -60,7 +60,7 @@ def modality_gap(image_embeddings, text_embeddings) -> float:
 
 
 def evaluate(model, params, eval_data: dict, *, pairs, batch_size: int, recall_at=(1, 5)) -> dict:
-    """All metrics on `eval_data` (see `pipeline.eval_data`), as {"eval/...": float}.
+    """All metrics on `eval_data` (see `held_out.eval_data`), as {"eval/...": float}.
 
     eval_data["classes"] (zero-shot; needs a text tower): `eval/{m}_zeroshot_top1` for every
     modality m it holds. eval_data["pairs"] (retrieval): for every pair (a, b) of `pairs`,
