@@ -55,12 +55,19 @@ class Checkpointer:
         abstract_state = jax.tree.map(ocp.utils.to_shape_dtype_struct, state_like)
         self._check_compatible(step, abstract_state)
         restored = self._manager.restore(
-            step,
-            args=ocp.args.Composite(
-                state=ocp.args.StandardRestore(abstract_state),
-                data=grain.checkpoint.CheckpointRestore(data_iterator),
-            ),
+            step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state))
         )
+        try:
+            self._manager.restore(
+                step, args=ocp.args.Composite(data=grain.checkpoint.CheckpointRestore(data_iterator))
+            )
+        except (KeyError, IndexError, TypeError, ValueError) as error:
+            raise UserError(
+                f"the data position in checkpoint {self._manager.directory}/{step} does not fit "
+                f"this input pipeline ({type(error).__name__}: {error}); it was saved with other "
+                f"data settings (data.name, data.num_workers, batch_size) or another bigalign "
+                f"version: resume with those, or use a new --workdir"
+            ) from None
         return restored.state
 
     def _check_compatible(self, step: int, abstract_state) -> None:

@@ -69,3 +69,19 @@ def test_restoring_a_checkpoint_of_another_model_is_a_clear_error(tiny_config, t
     _, other_state, other_data, _ = build(tiny_config, tmp_path, init_seed=1)
     with pytest.raises(UserError, match=r"holds 'params/image/encoder/\S+' with shape \(.*\), this model has"):
         Checkpointer(str(tmp_path / "ckpt")).restore(1, other_state, other_data)
+
+
+def test_restoring_a_data_position_of_another_pipeline_is_a_clear_error(tiny_config, tmp_path):
+    _, state, data, _ = build(tiny_config, tmp_path, init_seed=1)
+    next(data)
+    checkpointer = Checkpointer(str(tmp_path / "ckpt"))
+    checkpointer.save(1, state, data)
+    checkpointer.wait()
+    tiny_config.data.num_workers = 2  # worker processes keep one position each
+    _, other_state, other_data, _ = build(tiny_config, tmp_path, init_seed=1)
+    try:
+        with pytest.raises(UserError, match=r"the data position in checkpoint .*/1 does not fit "
+                                            r"this input pipeline.*data.num_workers"):
+            Checkpointer(str(tmp_path / "ckpt")).restore(1, other_state, other_data)
+    finally:
+        other_data.close()
