@@ -55,6 +55,9 @@ def base_config() -> ml_collections.ConfigDict:
     c.log_every = 50
     c.checkpoint_every = 500
     c.keep_checkpoints = 3
+    # A step with a non-finite loss or gradient is skipped (no update); this many in a row
+    # stop the run, leaving the last checkpoint as it was.
+    c.max_consecutive_nonfinite = 10
 
     c.optimizer = ml_collections.ConfigDict(
         dict(
@@ -149,6 +152,10 @@ def validate(config: ml_collections.ConfigDict) -> None:
             raise UserError(message)
 
     require(config.total_steps > 0, "total_steps must be positive")
+    require(
+        config.max_consecutive_nonfinite >= 1,
+        f"max_consecutive_nonfinite={config.max_consecutive_nonfinite} must be at least 1",
+    )
     require(
         0 <= config.optimizer.warmup_steps <= config.total_steps,
         f"optimizer.warmup_steps={config.optimizer.warmup_steps} must lie in "

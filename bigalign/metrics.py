@@ -8,6 +8,14 @@ import time
 import numpy as np
 
 
+def _step_of(line: str) -> int | None:
+    """The step of a metrics.jsonl line; None for a line cut off by a killed process."""
+    try:
+        return json.loads(line)["step"]
+    except (json.JSONDecodeError, KeyError, TypeError):
+        return None
+
+
 def _as_number(value):
     value = np.asarray(value)
     return value.item() if value.size == 1 else value.tolist()
@@ -29,6 +37,21 @@ class MetricLogger:
         self.peak_flops_per_device = peak_flops_per_device
         self._last_time = time.perf_counter()
         self._last_step = start_step
+        self._drop_records_after(start_step)
+
+    def _drop_records_after(self, step: int) -> None:
+        """Removes lines of steps after `step`: a resumed run logs them again, as they were
+        lost with the run that wrote them after its last checkpoint."""
+        if not os.path.exists(self.path):
+            return
+        with open(self.path, encoding="utf-8") as f:
+            lines = f.readlines()
+        kept = [line for line in lines if _step_of(line) is not None and _step_of(line) <= step]
+        if len(kept) < len(lines):
+            temporary = self.path + ".tmp"
+            with open(temporary, "w", encoding="utf-8") as f:
+                f.writelines(kept)
+            os.replace(temporary, self.path)  # atomic: never a half-written log
 
     def write(self, step: int, metrics: dict) -> dict:
         record = {"step": int(step), **{k: _as_number(v) for k, v in metrics.items()}}
@@ -52,6 +75,8 @@ class MetricLogger:
         eta = datetime.timedelta(seconds=round((self.total_steps - step) / steps_per_second))
         skipped = record.get("data/skipped", 0)
         skipped = f"  {skipped} unreadable examples skipped" if skipped else ""
+        if record.get("train/skipped_steps"):
+            skipped += f"  {record['train/skipped_steps']} non-finite steps skipped"
         print(
             f"step {step:>6}/{self.total_steps}  loss {record['train/loss']:.4f}  "
             f"scale {record['train/logit_scale']:.2f}  {steps_per_second:.2f} steps/s  "

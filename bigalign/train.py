@@ -22,7 +22,7 @@ import numpy as np
 import optax
 
 from bigalign import config as config_lib
-from bigalign import checkpoint, evaluate, flops, grad_cache, losses, sharding
+from bigalign import checkpoint, evaluate, flops, grad_cache, losses, preemption, sharding
 from bigalign.data import held_out, pipeline, tokenizer as tokenizer_lib
 from bigalign.data.skipping import SKIPPED
 from bigalign.errors import UserError
@@ -65,9 +65,14 @@ def weight_decay_mask(params):
 
 
 def make_optimizer(config) -> optax.GradientTransformation:
-    """AdamW with global-norm clipping; weight decay on `DECAYED_PARAMS` only."""
+    """AdamW with global-norm clipping; weight decay on `DECAYED_PARAMS` only.
+
+    Wrapped in `optax.apply_if_finite`: a gradient with a NaN or Inf leaves the
+    parameters and moments as they were and is counted; the loop stops the run after
+    `max_consecutive_nonfinite` in a row (optax itself never lets one through).
+    """
     opt = config.optimizer
-    return optax.chain(
+    adamw = optax.chain(
         optax.clip_by_global_norm(opt.grad_clip_norm),
         optax.adamw(
             learning_rate_schedule(config),
@@ -77,6 +82,7 @@ def make_optimizer(config) -> optax.GradientTransformation:
             mask=weight_decay_mask,
         ),
     )
+    return optax.apply_if_finite(adamw, max_consecutive_errors=np.iinfo(np.int32).max)
 
 
 # What the input pipeline sends per modality (others: float32).
@@ -266,6 +272,8 @@ def make_train_step(config, model, optimizer, mesh, state_sharding):
             **metrics,
             "train/grad_norm": optax.global_norm(grads),
             "train/learning_rate": schedule(state.step),
+            "train/skipped_steps": opt_state.total_notfinite,  # non-finite, not applied
+            "train/nonfinite_streak": opt_state.notfinite_count,
         }
         new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state)
         return new_state, metrics
@@ -326,6 +334,51 @@ def load_initial_towers(config, state: TrainState) -> TrainState:
     return state.replace(params=params)
 
 
+def train_loop(config, state, train_step, train_data, mesh, checkpointer, logger, start_step,
+               stop) -> tuple[TrainState, int]:
+    """Steps from `start_step` to `config.total_steps`, logging and checkpointing.
+
+    Returns the final state and 0 when done, or the step after which a stop signal
+    (SIGTERM / SIGINT) ended the loop, with a checkpoint of that step. Raises UserError once
+    `max_consecutive_nonfinite` steps in a row were skipped as non-finite.
+    """
+    skipped = 0  # unreadable examples this process dropped since the last log line
+    previous = None  # the last step's metrics, read one step late to keep a step queued
+    for step in range(start_step + 1, config.total_steps + 1):
+        host_batch = next(train_data)
+        skipped += host_batch.pop(SKIPPED)
+        state, metrics = train_step(state, sharding.global_batch(host_batch, mesh))
+        if previous is not None:
+            check_finite(config, previous, step - 1, checkpointer)
+        previous = metrics
+        if step % config.log_every == 0 or step == config.total_steps:
+            logger.log_train(step, {**jax.device_get(metrics), "data/skipped": skipped})
+            skipped = 0
+        stopping = stop.requested()
+        # Skipped steps leave the parameters as they were, so saving during a streak is safe.
+        if stopping or step % config.checkpoint_every == 0 or step == config.total_steps:
+            checkpointer.save(step, state, train_data)
+        if stopping:
+            return state, step
+    if previous is not None:
+        check_finite(config, previous, config.total_steps, checkpointer)
+    return state, 0
+
+
+def check_finite(config, metrics: dict, step: int, checkpointer) -> None:
+    """Raises UserError once `max_consecutive_nonfinite` steps in a row were skipped."""
+    streak = int(metrics["train/nonfinite_streak"])
+    if streak >= config.max_consecutive_nonfinite:
+        last = checkpointer.latest_step()
+        kept = (f"the last checkpoint, step {last}, holds parameters from before them"
+                if last else "no checkpoint was written")
+        raise UserError(
+            f"{streak} consecutive steps up to step {step} had a non-finite loss or gradient "
+            f"(NaN/Inf) and were skipped, reaching max_consecutive_nonfinite; stopped ({kept}): "
+            f"lower optimizer.learning_rate or check the data, then rerun"
+        )
+
+
 def describe_eval_data(eval_data: dict) -> str:
     """What was evaluated on, e.g. "1000 held-out pairs; zero-shot over 24 classes on 1000 examples"."""
     parts = []
@@ -343,7 +396,8 @@ def describe_eval_data(eval_data: dict) -> str:
 def train_and_evaluate(config, workdir: str) -> dict:
     """Trains to `config.total_steps` (resuming from WORKDIR if it holds a checkpoint), then evaluates.
 
-    Returns the final evaluation metrics {"eval/...": float}.
+    Returns the final evaluation metrics {"eval/...": float}, or {} when a SIGTERM or
+    SIGINT stopped training (after checkpointing the step it was on).
     """
     config_lib.validate(config)
     os.makedirs(workdir, exist_ok=True)
@@ -389,21 +443,19 @@ def train_and_evaluate(config, workdir: str) -> dict:
         flops_per_step=step_flops, num_devices=mesh.size,
         peak_flops_per_device=flops.peak_flops_per_device(jax.devices()[0].device_kind),
     )
-    skipped = 0  # unreadable examples this process dropped since the last log line
     try:
-        for step in range(start_step + 1, config.total_steps + 1):
-            host_batch = next(train_data)
-            skipped += host_batch.pop(SKIPPED)
-            state, metrics = train_step(state, sharding.global_batch(host_batch, mesh))
-            if step % config.log_every == 0 or step == config.total_steps:
-                logger.log_train(step, {**jax.device_get(metrics), "data/skipped": skipped})
-                skipped = 0
-            if step % config.checkpoint_every == 0 or step == config.total_steps:
-                checkpointer.save(step, state, train_data)
-        checkpointer.wait()
+        with preemption.StopRequest() as stop:
+            state, stopped = train_loop(config, state, train_step, train_data, mesh,
+                                        checkpointer, logger, start_step, stop)
+            checkpointer.wait()
     finally:  # also on errors: no stray prefetch thread or worker processes
         checkpointer.close()
         train_data.close()
+    if stopped:
+        reason = stop.signal_name or "a signal to another process"
+        print(f"Stopped by {reason} after step {stopped}, with a checkpoint of it in {workdir}; "
+              f"run the same command again to resume", flush=True)
+        return {}
 
     eval_data = held_out.eval_data(
         config.data, tokenizer, max_len=config.text.max_len, modalities=modalities

@@ -85,3 +85,19 @@ def test_restoring_a_data_position_of_another_pipeline_is_a_clear_error(tiny_con
             Checkpointer(str(tmp_path / "ckpt")).restore(1, other_state, other_data)
     finally:
         other_data.close()
+
+
+def test_a_save_cut_off_midway_leaves_the_previous_checkpoint_in_use(tiny_config, tmp_path):
+    _, state, data, _ = build(tiny_config, tmp_path, init_seed=1)
+    checkpointer = Checkpointer(str(tmp_path / "ckpt"))
+    checkpointer.save(3, state, data)
+    checkpointer.wait()
+    checkpointer.close()
+    # What a process killed while writing step 7 leaves: a temporary directory, half full.
+    partial = tmp_path / "ckpt" / "7.orbax-checkpoint-tmp-1234567"
+    (partial / "state").mkdir(parents=True)
+    (partial / "state" / "half_written").write_bytes(np.random.bytes(100))
+    restorer = Checkpointer(str(tmp_path / "ckpt"))
+    assert restorer.latest_step() == 3
+    _, fresh_state, fresh_data, _ = build(tiny_config, tmp_path, init_seed=2)
+    assert int(restorer.restore(3, fresh_state, fresh_data).step) == int(state.step)

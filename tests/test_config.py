@@ -82,7 +82,9 @@ def run_cli(*args, tmp_path):
     "override, message",
     [("--config.batch_sise=64", "batch_sise"), ("--config.batch_size=100", "not divisible by the 8 data shards"),
      ("--config.data.name=csv:/no/such/index.csv", "CSV index '/no/such/index.csv' does not exist"),
-     ("--config.data.name=array_record:/no/such/*.ar", "no ArrayRecord files match '/no/such/*.ar'")],
+     ("--config.data.name=array_record:/no/such/*.ar", "no ArrayRecord files match '/no/such/*.ar'"),
+     ("--config.text.tokenizer=/no/such.model", "tokenizer model '/no/such.model' does not exist"),
+     ("--config.max_consecutive_nonfinite=0", "max_consecutive_nonfinite=0 must be at least 1")],
 )
 def test_command_line_errors_are_one_line_without_traceback(override, message, tmp_path):
     result = run_cli(override, tmp_path=tmp_path)

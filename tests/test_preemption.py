@@ -1,0 +1,145 @@
+"""Preemption and divergence: SIGTERM saves and exits 0, SIGKILL + resume is bit-identical,
+non-finite steps are skipped and counted, and too many in a row stop the run."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+
+from bigalign import sharding, train
+from bigalign.errors import UserError
+from helpers import make_step, setup
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# A small demo run: 24 steps of batch 32, a checkpoint every 6, a progress line every step.
+RUN = ["--config.total_steps=24", "--config.checkpoint_every=6", "--config.log_every=1",
+       "--config.batch_size=32", "--config.optimizer.warmup_steps=3",
+       "--config.data.num_train=512", "--config.data.num_eval=64"]
+
+
+def start_run(workdir) -> subprocess.Popen:
+    return subprocess.Popen(
+        [sys.executable, "-m", "bigalign.train", "--config", f"{REPO}/configs/demo.py",
+         "--workdir", str(workdir), *RUN],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=REPO,
+    )
+
+
+def run_to_step(process: subprocess.Popen, step: int) -> list[str]:
+    """Reads the run's output until its progress line for `step` (or its end)."""
+    lines = []
+    for line in process.stdout:
+        lines.append(line)
+        if line.startswith("step") and int(line.split()[1].split("/")[0]) >= step:
+            break
+    return lines
+
+
+def wait_for(path, seconds: float = 30) -> None:
+    """Waits until `path` exists (an async checkpoint is renamed into place when complete)."""
+    deadline = time.monotonic() + seconds
+    while not os.path.exists(path):
+        assert time.monotonic() < deadline, f"{path} did not appear"
+        time.sleep(0.05)
+
+
+def finish(process: subprocess.Popen) -> str:
+    output = process.stdout.read()
+    assert process.wait(timeout=300) == 0, output[-2000:]
+    return output
+
+
+def final_params(workdir, step: int) -> list[np.ndarray]:
+    restored = ocp.PyTreeCheckpointer().restore(str(workdir / "checkpoints" / str(step) / "state"))
+    return jax.tree.leaves(restored["params"])
+
+
+def losses(workdir) -> dict[int, float]:
+    records = [json.loads(line) for line in open(workdir / "metrics.jsonl")]
+    steps = [r["step"] for r in records if "train/loss" in r]
+    assert len(steps) == len(set(steps)), "a step was logged twice"
+    return {r["step"]: r["train/loss"] for r in records if "train/loss" in r}
+
+
+def test_sigkill_then_resume_is_bit_identical_to_an_uninterrupted_run(tmp_path):
+    straight = tmp_path / "straight"
+    finish(start_run(straight))
+    expected_params, expected_losses = final_params(straight, 24), losses(straight)
+    assert sorted(expected_losses) == list(range(1, 25))
+
+    rng = np.random.default_rng()
+    for kill_at in sorted(rng.choice(np.arange(7, 24), size=3, replace=False)):
+        workdir = tmp_path / f"killed_at_{kill_at}"
+        process = start_run(workdir)
+        run_to_step(process, int(kill_at))
+        wait_for(workdir / "checkpoints" / "6")  # the first checkpoint is complete
+        process.send_signal(signal.SIGKILL)
+        process.wait(timeout=60)
+        output = finish(start_run(workdir))
+        assert "Resuming from the checkpoint at step" in output
+        assert losses(workdir) == expected_losses  # floats from JSON: exact equality
+        for expected, resumed in zip(expected_params, final_params(workdir, 24), strict=True):
+            np.testing.assert_array_equal(expected, resumed)
+
+
+def test_sigterm_saves_the_current_step_and_exits_0(tmp_path):
+    process = start_run(tmp_path)
+    target = int(np.random.randint(2, 20))
+    lines = run_to_step(process, target)
+    process.send_signal(signal.SIGTERM)
+    output = "".join(lines) + finish(process)
+    stopped = [line for line in output.splitlines() if line.startswith("Stopped by SIGTERM")]
+    assert len(stopped) == 1, output[-2000:]
+    step = int(stopped[0].split("after step ")[1].split(",")[0])
+    assert target <= step < 24
+    assert "Evaluation" not in output
+    assert os.path.isdir(tmp_path / "checkpoints" / str(step))
+    # The next launch resumes from exactly there.
+    assert f"Resuming from the checkpoint at step {step}" in finish(start_run(tmp_path))
+
+
+def test_a_nan_batch_is_skipped_counted_and_leaves_params_unchanged(tiny_config):
+    mesh, model, optimizer, state = setup(tiny_config, data_shards=8)
+    step = make_step(tiny_config, model, optimizer, mesh, state)
+    rng = np.random.default_rng()
+    good = lambda: sharding.global_batch(train.random_batch(tiny_config, rng), mesh)  # noqa: E731
+    state, metrics = step(state, good())
+    assert int(metrics["train/skipped_steps"]) == 0
+    before = jax.device_get((state.params, state.opt_state))
+
+    batch = train.random_batch(tiny_config, rng)
+    images = batch["image"].astype(np.float32) / 127.5 - 1  # the tower takes floats as they are
+    images[int(rng.integers(len(images)))] = np.nan
+    state, metrics = step(state, sharding.global_batch({**batch, "image": images}, mesh))
+    assert not np.isfinite(float(metrics["train/loss"]))
+    assert int(metrics["train/skipped_steps"]) == 1 and int(metrics["train/nonfinite_streak"]) == 1
+    after = jax.device_get((state.params, state.opt_state.inner_state))
+    for old, new in zip(jax.tree.leaves((before[0], before[1].inner_state)), jax.tree.leaves(after)):
+        np.testing.assert_array_equal(old, new)
+
+    state, metrics = step(state, good())
+    assert int(metrics["train/skipped_steps"]) == 1 and int(metrics["train/nonfinite_streak"]) == 0
+    assert np.isfinite(float(metrics["train/loss"]))
+
+
+def test_a_diverging_run_stops_after_the_configured_streak_keeping_its_checkpoint(
+        tiny_config, tmp_path):
+    tiny_config.total_steps, tiny_config.checkpoint_every, tiny_config.log_every = 40, 1, 1
+    tiny_config.optimizer.update(learning_rate=1e30, warmup_steps=0, grad_clip_norm=1e30)
+    tiny_config.max_consecutive_nonfinite = 3
+    with pytest.raises(UserError, match="3 consecutive steps up to step .* non-finite loss or "
+                                        "gradient.*the last checkpoint, step .*, holds "
+                                        "parameters from before them"):
+        train.train_and_evaluate(tiny_config, str(tmp_path))
+    records = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")]
+    assert records[-1]["train/skipped_steps"] >= 1
+    saved = sorted(int(d) for d in os.listdir(tmp_path / "checkpoints") if d.isdigit())
+    params = final_params(tmp_path, saved[-1])
+    assert all(np.all(np.isfinite(p)) for p in params)
