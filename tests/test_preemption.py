@@ -13,7 +13,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-from bigalign import sharding, train
+from bigalign import preemption, sharding, train
 from bigalign.errors import UserError
 from helpers import make_step, setup
 
@@ -143,3 +143,17 @@ def test_a_diverging_run_stops_after_the_configured_streak_keeping_its_checkpoin
     saved = sorted(int(d) for d in os.listdir(tmp_path / "checkpoints") if d.isdigit())
     params = final_params(tmp_path, saved[-1])
     assert all(np.all(np.isfinite(p)) for p in params)
+
+
+@pytest.mark.parametrize("number", [signal.SIGINT, signal.SIGTERM])
+def test_stop_request_records_the_signal_and_restores_the_handlers(number, capsys):
+    before = signal.getsignal(number)
+    with preemption.StopRequest() as stop:
+        assert not stop.requested()
+        os.kill(os.getpid(), number)
+        assert stop.requested() and stop.signal_name == signal.Signals(number).name
+        if number == signal.SIGINT:
+            with pytest.raises(KeyboardInterrupt):  # the second Ctrl-C stops at once
+                os.kill(os.getpid(), number)
+    assert signal.getsignal(number) is before
+    assert "finishing this step, then saving a checkpoint" in capsys.readouterr().out
