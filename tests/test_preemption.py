@@ -91,7 +91,7 @@ def test_sigkill_then_resume_is_bit_identical_to_an_uninterrupted_run(tmp_path):
 
 def test_sigterm_saves_the_current_step_and_exits_0(tmp_path):
     process = start_run(tmp_path)
-    target = int(np.random.randint(2, 20))
+    target = int(np.random.randint(2, 15))  # 10 steps (about a second) before the end
     lines = run_to_step(process, target)
     process.send_signal(signal.SIGTERM)
     output = "".join(lines) + finish(process)
