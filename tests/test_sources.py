@@ -130,7 +130,9 @@ def test_a_truncated_png_is_skipped_and_counted(tmp_path, tokenizer, num_workers
     config = csv_config(index, max_skipped_fraction=0.1, num_workers=num_workers)
     batches = take(pipeline.train_dataset(config, tokenizer, max_len=12, global_batch_size=4,
                                           seed=3), 15)  # 60 examples: three epochs
-    assert sum(batch["skipped"] for batch in batches) in (2, 3)  # one per epoch it was reached
+    # 60 kept examples need 63 reads: three whole epochs hold the bad file thrice, and the
+    # three reads into the fourth epoch may hit it once more.
+    assert sum(batch["skipped"] for batch in batches) in (3, 4)
     assert all(batch["image"].shape == (4, 16, 16, 3) for batch in batches)
 
 
