@@ -46,7 +46,8 @@ class MetricLogger:
             return
         with open(self.path, encoding="utf-8") as f:
             lines = f.readlines()
-        kept = [line for line in lines if _step_of(line) is not None and _step_of(line) <= step]
+        kept = [line for line in lines if (line_step := _step_of(line)) is not None
+                and line_step <= step]
         if len(kept) < len(lines):
             temporary = self.path + ".tmp"
             with open(temporary, "w", encoding="utf-8") as f:

@@ -110,16 +110,15 @@ def random_batch(config, rng: np.random.Generator) -> dict:
         shape = (config.batch_size, *shapes[name])
         if name == "image":
             batch[name] = rng.integers(0, 256, size=shape, dtype=np.uint8)
-            continue
-        if name != "text":
+        elif name == "text":
+            length = config.text.max_len
+            tokens = rng.integers(3, config.text.vocab_size, size=shape)
+            lengths = rng.integers(1, length + 1, size=config.batch_size)
+            tokens[np.arange(config.batch_size), lengths - 1] = 2
+            tokens[np.arange(length)[None, :] >= lengths[:, None]] = 0
+            batch[name] = tokens.astype(np.int32)
+        else:
             batch[name] = rng.normal(size=shape).astype(np.float32)
-            continue
-        length = config.text.max_len
-        tokens = rng.integers(3, config.text.vocab_size, size=(config.batch_size, length))
-        lengths = rng.integers(1, length + 1, size=config.batch_size)
-        tokens[np.arange(config.batch_size), lengths - 1] = 2
-        tokens[np.arange(length)[None, :] >= lengths[:, None]] = 0
-        batch[name] = tokens.astype(np.int32)
     return batch
 
 

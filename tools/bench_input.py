@@ -231,7 +231,8 @@ def stage_costs(args, index: str, tokenizer) -> dict[str, float]:
     _, full_ms = timed_map(decode_full, encoded)
     _, decode_ms = timed_map(lambda data: images.load(data, min_side=min_side), encoded)
     views, decode_view_ms = timed_map(view, encoded)
-    prepare = pipeline.PrepareBatch(tokenizer, args.max_len, ("image", "text"), {})
+    prepare = pipeline.PrepareBatch(tokenizer, args.max_len, ("image", "text"),
+                                    pipeline.default_config())
     batches = [
         {"image": np.stack(views[i : i + args.batch_size]),
          "caption": np.array([e["caption"] for e in examples[i : i + args.batch_size]])}

@@ -64,7 +64,7 @@ def _class_texts(data_config, spec: str, names: list[str]) -> list[list[str]]:
 def _zeroshot_data(data_config, tokenizer, max_len, spec, modalities, held_out=None) -> dict:
     """Zero-shot arrays for the non-text `modalities`; reuses `held_out` (examples, inputs)."""
     source = sources.open_zeroshot(data_config, spec, modalities)
-    prepare = pipeline.PrepareBatch(tokenizer, max_len, modalities, pipeline.spectrogram_options(data_config))
+    prepare = pipeline.PrepareBatch(tokenizer, max_len, modalities, data_config)
     if held_out is None:
         examples = _held_out_examples(data_config, source, spec)
         inputs = _prepare_held_out(examples, prepare)
@@ -99,11 +99,11 @@ def eval_data(data_config, tokenizer: Tokenizer, *, max_len: int, modalities=("i
     result, held_out = {}, None
     pairs_spec = _eval_spec(data_config)
     if pairs_spec:
-        pipeline.check_modalities(data_config, pairs_spec, modalities,
-                          "data.eval_name" if data_config.eval_name else "data.name")
+        key = "data.eval_name" if data_config.eval_name else "data.name"
+        pipeline.check_modalities(data_config, pairs_spec, modalities, key)
         source = sources.open_source(data_config, pairs_spec, data_config.eval_split,
                                      with_audio="audio" in modalities)
-        prepare = pipeline.PrepareBatch(tokenizer, max_len, modalities, pipeline.spectrogram_options(data_config))
+        prepare = pipeline.PrepareBatch(tokenizer, max_len, modalities, data_config)
         examples = _held_out_examples(data_config, source, pairs_spec)
         held_out = (examples, _prepare_held_out(examples, prepare))
         result["pairs"] = {"inputs": held_out[1]}

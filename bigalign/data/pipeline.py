@@ -124,11 +124,6 @@ def check_modalities(data_config, spec: str, modalities, key="data.name") -> tup
     return tuple(modalities)
 
 
-def _clip_samples(data_config) -> int:
-    """Samples in one sound clip."""
-    return round(data_config.audio.clip_seconds * data_config.audio.sample_rate)
-
-
 def spectrogram_options(data_config) -> dict:
     """Keyword arguments of `audio.log_mel_spectrogram` for the configured audio."""
     options = {
@@ -148,7 +143,7 @@ def input_shapes(data_config, *, max_len: int) -> dict:
     provided = sources.modalities(data_config, data_config.name)
     options = spectrogram_options(data_config)
     frames = audio.num_frames(
-        _clip_samples(data_config), options["frame_length"], options["hop_length"]
+        sources.clip_samples(data_config), options["frame_length"], options["hop_length"]
     )
     if frames == 0:
         raise UserError(
@@ -179,7 +174,7 @@ class _View:
     def __init__(self, data_config):
         self.size = data_config.image_size
         self.sample_rate = data_config.audio.sample_rate
-        self.clip_samples = _clip_samples(data_config)
+        self.clip_samples = sources.clip_samples(data_config)
         self.augment = data_config.augment
         self.crop = dict(scale=tuple(data_config.crop_scale), ratio=tuple(data_config.crop_ratio),
                          flip=data_config.flip)
@@ -275,11 +270,11 @@ def normalise_audio(clips: np.ndarray, spectrogram_options: dict) -> np.ndarray:
 class PrepareBatch(grain.transforms.Map):
     """A batch of examples -> the model inputs of `modalities` (see the module docstring)."""
 
-    def __init__(self, tokenizer: Tokenizer, max_len: int, modalities, spectrogram_options: dict):
+    def __init__(self, tokenizer: Tokenizer, max_len: int, modalities, data_config):
         self.tokenizer = tokenizer
         self.max_len = max_len
         self.modalities = tuple(modalities)
-        self.spectrogram_options = spectrogram_options
+        self.spectrogram_options = spectrogram_options(data_config)
 
     def _prepare(self, modality: str, batch: dict) -> np.ndarray:
         if modality == "image":
@@ -341,7 +336,7 @@ def train_dataset(
     batches = SkipUnreadable(batches, data_config.max_skipped_fraction)
     batches = batches.batch(batch_size, drop_remainder=True)
     batches = batches.map(
-        PrepareBatch(tokenizer, max_len, modalities, spectrogram_options(data_config))
+        PrepareBatch(tokenizer, max_len, modalities, data_config)
     )
     if data_config.num_workers > 0:
         _mark_absl_flags_parsed()

@@ -32,6 +32,11 @@ DEFAULT_PROMPTS = (
 )
 
 
+def clip_samples(data_config) -> int:
+    """Samples in one sound clip of data.audio.clip_seconds at data.audio.sample_rate."""
+    return round(data_config.audio.clip_seconds * data_config.audio.sample_rate)
+
+
 def parse(spec: str) -> tuple[str, str]:
     """"kind:argument" -> (kind, argument); "shapes" -> ("shapes", "")."""
     kind, _, argument = spec.partition(":")
@@ -93,7 +98,7 @@ def open_source(data_config, spec: str, split: str, *, role: str = "pairs",
             seed=data_config.seed,
             with_audio=with_audio,
             sample_rate=data_config.audio.sample_rate,
-            clip_samples=round(data_config.audio.clip_seconds * data_config.audio.sample_rate),
+            clip_samples=clip_samples(data_config),
         )
     if kind == "tfds":
         return tfds_source.TfdsSource(
