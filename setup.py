@@ -22,5 +22,14 @@ setup(
         "numpy>=1.26",
         "pillow>=10.0",
     ],
-    extras_require={"test": ["pytest>=8.0"]},
+    extras_require={
+        "test": [
+            "pytest>=8.0",
+            # tests/test_notebook.py runs notebooks/quickstart.ipynb
+            "nbclient>=0.10.0",
+            "nbformat>=5.10.0",
+            "ipykernel>=6.29.0",
+            "matplotlib>=3.8.0",
+        ]
+    },
 )

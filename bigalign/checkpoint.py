@@ -93,18 +93,39 @@ class Checkpointer:
         self._manager.close()
 
 
-def _state_directory(source: str) -> str:
-    """The saved train state of a run: WORKDIR, WORKDIR/checkpoints or a step directory."""
+def _state_directory(source: str, step: int | None = None) -> str:
+    """The saved train state of a run: WORKDIR, WORKDIR/checkpoints or a step directory;
+    the latest step unless `step` is given."""
     for candidate in (os.path.join(source, "checkpoints"), source):
         steps = [int(d) for d in os.listdir(candidate) if d.isdigit()] if os.path.isdir(candidate) else []
-        if steps:
+        if steps and step is None:
             return os.path.join(candidate, str(max(steps)), "state")
-    if os.path.isdir(os.path.join(source, "state")):
+        if steps:
+            if step not in steps:
+                raise UserError(f"{candidate} has no checkpoint of step {step}; it has steps "
+                                f"{sorted(steps)}")
+            return os.path.join(candidate, str(step), "state")
+    if os.path.isdir(os.path.join(source, "state")) and step is None:
         return os.path.join(source, "state")
     raise UserError(
-        f"init_from={source!r} is not a bigalign run: expected WORKDIR, WORKDIR/checkpoints "
+        f"{source!r} is not a bigalign run: expected WORKDIR, WORKDIR/checkpoints "
         f"or WORKDIR/checkpoints/<step> holding a saved state"
     )
+
+
+def _restore_params(state_dir: str, params_like) -> dict:
+    """The parameter arrays of a saved state that `params_like` names (a partial restore:
+    nothing else is read), laid out like it (arrays or ShapeDtypeStructs with shardings)."""
+    target = {"params": jax.tree.map(ocp.utils.to_shape_dtype_struct, params_like)}
+    restored = ocp.PyTreeCheckpointer().restore(
+        state_dir,
+        args=ocp.args.PyTreeRestore(
+            item=target,
+            restore_args=ocp.checkpoint_utils.construct_restore_args(target),
+            partial_restore=True,
+        ),
+    )
+    return restored["params"]
 
 
 def load_tower(source: str, name: str, *, like):
@@ -114,9 +135,11 @@ def load_tower(source: str, name: str, *, like):
     Only this tower's arrays are read. Raises UserError if the checkpoint has no such
     tower or its arrays differ in shape (another size or variant).
     """
-    state_dir = _state_directory(source)
-    reader = ocp.PyTreeCheckpointer()
-    saved = reader.metadata(state_dir).item_metadata.tree["params"]
+    try:
+        state_dir = _state_directory(source)
+    except UserError as error:
+        raise UserError(f"init_from: {error}") from None
+    saved = ocp.PyTreeCheckpointer().metadata(state_dir).item_metadata.tree["params"]
     fix = f"give model.{name}.init_from a run whose {name!r} tower has this config"
     if name not in saved:
         raise UserError(f"{state_dir} has no tower {name!r} (it has {sorted(saved)}); {fix}")
@@ -127,16 +150,13 @@ def load_tower(source: str, name: str, *, like):
                 f"{state_dir} holds {name}/{array} with shape {saved_shapes.get(array)}, this "
                 f"model has {wanted_shapes.get(array)}; {fix}"
             )
-    target = {"params": {name: jax.tree.map(ocp.utils.to_shape_dtype_struct, like)}}
-    restored = reader.restore(
-        state_dir,
-        args=ocp.args.PyTreeRestore(
-            item=target,
-            restore_args=ocp.checkpoint_utils.construct_restore_args(target),
-            partial_restore=True,
-        ),
-    )
-    return restored["params"][name]
+    return _restore_params(state_dir, {name: like})[name]
+
+
+def load_params(workdir: str, params_like, step: int | None = None) -> tuple[dict, int]:
+    """(parameters, step) of the latest (or the given) checkpoint of the run in `workdir`."""
+    state_dir = _state_directory(workdir, step)
+    return _restore_params(state_dir, params_like), int(os.path.basename(os.path.dirname(state_dir)))
 
 
 def _array_shapes(tree) -> dict[str, tuple]:

@@ -1,45 +1,37 @@
 """Configuration: the full schema with defaults, and validation before anything compiles.
 
 Config files in `configs/` start from `base_config()` and change values; they
-may not add keys. `validate` checks the whole config once, up front, and raises
-`UserError` with a one-line message naming the key and the fix.
+may not add keys. `validate` checks the whole config once, up front, without
+touching any device (a pod config validates on a laptop), and raises `UserError`
+with a one-line message naming the key and the fix; `validate_on_mesh` checks the
+rest against the devices once the mesh is made. `save` writes the config of a run
+into its workdir, `load_saved` reads it back and `check_resume` compares the two.
 """
 
 import difflib
+import importlib
+import json
 import math
+import os
 
 import ml_collections
 
-from bigalign import losses, sharding
+from bigalign import objectives
 from bigalign.data import pipeline
 from bigalign.errors import UserError
-from bigalign.models import audio, text, towers, transformer, vit
+from bigalign.models import encoders, towers, transformer
 
-
-TOWER_KINDS = ("vit", "text", "audio")
-POOLINGS = {"vit": vit.POOLINGS, "text": text.POOLINGS, "audio": audio.POOLINGS}
+SAVED_CONFIG = "config.json"  # in the workdir
 
 
 def tower_config(kind: str, **overrides) -> ml_collections.ConfigDict:
-    """Every key a tower of `kind` ("vit", "text" or "audio") understands, with small defaults.
+    """Every key a tower of `kind` ("vit", "text", "audio", or a registered kind)
+    understands, with small defaults.
 
     Add a tower to a model with `config.model.<name> = tower_config(kind, ...)`; any
     sub-dict of `config.model` with a `kind` key is a tower, named by its key.
     """
-    tower = dict(
-        kind=kind,
-        variant="",  # a named size ("B/16", "So400m/14"; text: "B"): sets the sizes below
-        width=64,
-        depth=2,
-        num_heads=2,
-        mlp_dim=256,
-        frozen=False,  # LiT: no gradient and no optimizer state for this tower
-        init_from="",  # a bigalign workdir (or checkpoint step dir) to load this tower from
-    )
-    if kind in ("vit", "audio"):
-        tower.update(patch_size=4, pool="gap")  # square patches of the image / spectrogram
-    if kind == "text":
-        tower.update(causal=True, pool="last")
+    tower = {"kind": kind, **encoders.SHARED_OPTIONS, **encoders.get(kind).options}
     for key in overrides:
         if key not in tower:
             raise UserError(f"tower_config: {kind} towers have no key {key!r}; valid: {sorted(tower)}")
@@ -49,6 +41,9 @@ def tower_config(kind: str, **overrides) -> ml_collections.ConfigDict:
 def base_config() -> ml_collections.ConfigDict:
     """Every key bigalign understands, with defaults for a small model."""
     c = ml_collections.ConfigDict()
+    # Modules to import before the run is built: extensions that register a loss, tower
+    # kind, modality, evaluator or data source, so a saved config rebuilds the run.
+    c.imports = ()
     c.seed = 0
     c.batch_size = 256  # global, across all devices and processes
     c.total_steps = 1000
@@ -105,22 +100,15 @@ def base_config() -> ml_collections.ConfigDict:
     # GradCache: embed the batch in num_chunks pieces and recompute each one's forward in the
     # backward pass; same gradients, tower activation memory / num_chunks. 1: off.
     c.grad_cache = ml_collections.ConfigDict(dict(num_chunks=1))
-    c.eval = ml_collections.ConfigDict(dict(batch_size=250, recall_at=(1, 5)))
+    c.eval = ml_collections.ConfigDict(
+        dict(
+            batch_size=250,
+            recall_at=(1, 5),
+            evaluators=("zeroshot", "retrieval"),  # names in evaluate.EVALUATORS
+            every=0,  # also evaluate every this many steps during training (0: only at the end)
+        )
+    )
     return c
-
-
-def sized_config(variant: str, *, batch_size: int, image_size: int, max_len: int,
-                 vocab_size: int, embed_dim: int) -> ml_collections.ConfigDict:
-    """base_config with an image tower of a named size ("B/16") and a text tower of the
-    same size ("B"), for benchmarks and scaling experiments on random inputs."""
-    config = base_config()
-    config.batch_size = batch_size
-    config.data.image_size = image_size
-    config.text.update(max_len=max_len, vocab_size=vocab_size)
-    config.model.embed_dim = embed_dim
-    config.model.image.variant = variant
-    config.model.text.variant = variant.partition("/")[0]
-    return config
 
 
 def _unknown_keys(config, schema, prefix=""):
@@ -131,7 +119,7 @@ def _unknown_keys(config, schema, prefix=""):
     for key in config.keys():
         dotted, value = f"{prefix}{key}", config[key]
         if prefix == "model." and towers.is_tower(value):
-            if value.kind in TOWER_KINDS:
+            if value.kind in encoders.ENCODERS:
                 yield from _unknown_keys(value, tower_config(value.kind), prefix=f"{dotted}.")
         elif key not in schema:
             yield dotted, difflib.get_close_matches(key, list(schema.keys()), n=1)
@@ -141,8 +129,22 @@ def _unknown_keys(config, schema, prefix=""):
             yield from _unknown_keys(value, schema[key], prefix=f"{dotted}.")
 
 
+def import_extensions(config) -> None:
+    """Imports the modules of `config.imports`, whose registrations the run may use."""
+    for name in config.get("imports", ()):
+        try:
+            importlib.import_module(name)
+        except ImportError as error:
+            raise UserError(f"config.imports names {name!r}, which cannot be imported ({error}); "
+                            f"install it or put it on PYTHONPATH") from None
+
+
 def validate(config: ml_collections.ConfigDict) -> None:
-    """Raises UserError (one line: the key and the fix) for the first problem found."""
+    """Raises UserError (one line: the key and the fix) for the first problem found.
+
+    Needs no devices: what depends on them is checked by `validate_on_mesh`.
+    """
+    import_extensions(config)
     for dotted, close in _unknown_keys(config, base_config()):
         hint = f"; did you mean {close[0]!r}?" if close else ""
         raise UserError(f"unknown config key {dotted!r}{hint} (valid keys: bigalign/config.py)")
@@ -161,26 +163,40 @@ def validate(config: ml_collections.ConfigDict) -> None:
         f"optimizer.warmup_steps={config.optimizer.warmup_steps} must lie in "
         f"[0, total_steps={config.total_steps}]",
     )
-    num_shards = sharding.num_data_shards(config.mesh)
-    require(
-        config.batch_size > 0 and config.batch_size % num_shards == 0,
-        f"batch_size={config.batch_size} is not divisible by the {num_shards} data shards; "
-        f"use a multiple of {num_shards}",
-    )
-    chunks, per_device = config.grad_cache.num_chunks, config.batch_size // num_shards
-    require(
-        isinstance(chunks, int) and chunks >= 1 and per_device % chunks == 0,
-        f"grad_cache.num_chunks={chunks} must be a positive divisor of the per-device batch "
-        f"{per_device} (batch_size={config.batch_size} over {num_shards} data shards); "
-        f"pick a divisor of {per_device}, or 1 to turn GradCache off",
-    )
-    require(
-        config.loss.name in losses.NAMES,
-        f"unknown loss.name {config.loss.name!r}; valid: {', '.join(losses.NAMES)}",
-    )
+    data, fsdp = config.mesh.data, config.mesh.fsdp
+    require(fsdp >= 1, f"mesh.fsdp={fsdp} must be at least 1 (1: plain data parallelism)")
+    require(data == -1 or data >= 1,
+            f"mesh.data={data} must be positive, or -1 for all devices left after fsdp")
+    # With mesh.data=-1 the number of data shards is known once the devices are.
+    _validate_batch(config, data * fsdp if data != -1 else fsdp, exact=data != -1)
+    objectives.LOSSES.get(config.loss.name, "loss.name")
     pipeline.validate(config.data)
-    _validate_model(config, require, fsdp=sharding.mesh_shape(config.mesh)[1])
+    _validate_model(config, require, fsdp=fsdp)
     _validate_pairs(config, require)
+
+
+def _validate_batch(config, num_shards: int, *, exact: bool) -> None:
+    """The batch over `num_shards` data shards (with `exact`, else a divisor of their number)."""
+    if not (config.batch_size > 0 and config.batch_size % num_shards == 0):
+        raise UserError(
+            f"batch_size={config.batch_size} is not divisible by the {num_shards} data shards; "
+            f"use a multiple of {num_shards}"
+        )
+    chunks = config.grad_cache.num_chunks
+    if not (isinstance(chunks, int) and chunks >= 1):
+        raise UserError(f"grad_cache.num_chunks={chunks} must be a positive integer (1: off)")
+    per_device = config.batch_size // num_shards
+    if exact and per_device % chunks:
+        raise UserError(
+            f"grad_cache.num_chunks={chunks} must be a positive divisor of the per-device batch "
+            f"{per_device} (batch_size={config.batch_size} over {num_shards} data shards); "
+            f"pick a divisor of {per_device}, or 1 to turn GradCache off"
+        )
+
+
+def validate_on_mesh(config, mesh) -> None:
+    """The checks that need the devices: the batch and GradCache chunks over the mesh."""
+    _validate_batch(config, mesh.size, exact=True)
 
 
 def _validate_model(config, require, *, fsdp: int) -> None:
@@ -198,10 +214,7 @@ def _validate_model(config, require, *, fsdp: int) -> None:
     require(len(names) >= 2, f"model has towers {names}; a contrastive model needs at least two")
     shapes = pipeline.input_shapes(config.data, max_len=config.text.max_len)
     for name in names:
-        kind = model[name].kind
-        require(
-            kind in TOWER_KINDS, f"model.{name}.kind={kind!r} is unknown; valid: {', '.join(TOWER_KINDS)}"
-        )
+        encoders.get(model[name].kind, f"model.{name}.kind")
         require(
             name in shapes,
             f"model.{name} is a tower, but the data has no {name!r} inputs; name each tower "
@@ -223,7 +236,7 @@ def _validate_model(config, require, *, fsdp: int) -> None:
             f"{key}.width={tower['width']} is not divisible by mesh.fsdp={fsdp}, over which "
             f"parameters are split; pick an fsdp size that divides it",
         )
-        poolings = POOLINGS[tower["kind"]]
+        poolings = encoders.get(tower["kind"]).poolings
         require(
             tower["pool"] in poolings, f"{key}.pool={tower['pool']!r} is unknown; valid: {', '.join(poolings)}"
         )
@@ -251,3 +264,82 @@ def _validate_pairs(config, require) -> None:
         f"tower(s) {unused} appear in no loss.pairs entry and would never train; add a pair "
         f"or remove the tower",
     )
+
+
+# Keys whose change would make a checkpoint mean something else or fail to restore:
+# the model's shapes, the tokens, the data stream and its position, the batch, the seed.
+RUN_DEFINING = ("seed", "batch_size", "text.", "model.", "data.name", "data.train_split",
+                "data.seed", "data.num_train", "data.image_size", "data.audio.",
+                "data.num_workers", "imports")
+# ... except these, which change how the same model is computed or started.
+HARMLESS_MODEL_KEYS = ("model.remat", "model.compute_dtype", "model.dropout_rate")
+
+
+def _flat(config) -> dict:
+    """{"model.image.width": 64, ...} with JSON values (tuples as lists)."""
+    flat = {}
+
+    def walk(node, prefix):
+        for key, value in node.items():
+            if isinstance(value, dict):
+                walk(value, f"{prefix}{key}.")
+            else:
+                flat[prefix + key] = value
+
+    walk(json.loads(json.dumps(config.to_dict())), "")
+    return flat
+
+
+def _as_tuples(value):
+    """JSON lists back to the tuples configs use."""
+    if isinstance(value, dict):
+        return {key: _as_tuples(item) for key, item in value.items()}
+    if isinstance(value, list):
+        return tuple(_as_tuples(item) for item in value)
+    return value
+
+
+def save(config, workdir: str) -> None:
+    """Writes WORKDIR/config.json atomically (`load_saved` reads it back)."""
+    path = os.path.join(workdir, SAVED_CONFIG)
+    with open(path + ".tmp", "w", encoding="utf-8") as f:
+        json.dump(config.to_dict(), f, indent=2, sort_keys=True)
+        f.write("\n")
+    os.replace(path + ".tmp", path)
+
+
+def load_saved(workdir: str) -> ml_collections.ConfigDict | None:
+    """The config saved in `workdir` by `save`, or None if it has none."""
+    path = os.path.join(workdir, SAVED_CONFIG)
+    if not os.path.exists(path):
+        return None
+    try:
+        with open(path, encoding="utf-8") as f:
+            return ml_collections.ConfigDict(_as_tuples(json.load(f)))
+    except (OSError, json.JSONDecodeError) as error:
+        raise UserError(f"cannot read the saved config {path}: {error}; restore or delete it") from None
+
+
+def check_resume(saved, config, workdir: str) -> list[str]:
+    """Compares the config a run was started with to the one resuming it.
+
+    A change of a run-defining key (RUN_DEFINING) raises UserError naming the key;
+    the other changes are returned as "key: old -> new" lines.
+    """
+    old, new = _flat(saved), _flat(config)
+    changes = []
+    for key in sorted(set(old) | set(new)):
+        before, after = old.get(key, "(unset)"), new.get(key, "(unset)")
+        if before == after:
+            continue
+        defining = key.startswith(RUN_DEFINING) and not (
+            key in HARMLESS_MODEL_KEYS or key.endswith(".init_from")
+        )
+        if defining:
+            raise UserError(
+                f"{key} is {before!r} in the run in {workdir} but {after!r} now; its checkpoints "
+                f"belong to the saved config ({SAVED_CONFIG}): resume with {key}={before!r}, or "
+                f"use a new --workdir"
+            )
+        changes.append(f"{key}: {before!r} -> {after!r}")
+    return changes

@@ -1,4 +1,5 @@
-"""Evaluation of a trained contrastive model: zero-shot classification, retrieval, modality gap.
+"""Evaluation of a trained contrastive model: the evaluator registry (`eval.evaluators`)
+with zero-shot classification and retrieval (with the modality gap).
 
 All metrics are computed from L2-normalised embeddings of a held-out split:
 - zero-shot top-1 (every non-text modality): each class is the normalised mean of
@@ -12,8 +13,11 @@ All metrics are computed from L2-normalised embeddings of a held-out split:
   (Liang et al., 2022).
 """
 
-import jax
+import itertools
+
 import numpy as np
+
+from bigalign.registry import Registry
 
 
 def embed(embed_batch, inputs: np.ndarray, batch_size: int) -> np.ndarray:
@@ -26,12 +30,6 @@ def embed(embed_batch, inputs: np.ndarray, batch_size: int) -> np.ndarray:
         for i in range(0, len(padded), batch_size)
     ]
     return np.concatenate(chunks)[:count]
-
-
-def _tower(model, params, modality: str):
-    """A function batch -> embeddings for one modality, compiled once, params passed as arguments."""
-    apply = jax.jit(lambda p, x: model.apply({"params": p}, {modality: x})["embeddings"][modality])
-    return lambda batch: apply(params, batch)
 
 
 def _normalise(x: np.ndarray) -> np.ndarray:
@@ -59,50 +57,77 @@ def modality_gap(image_embeddings, text_embeddings) -> float:
     return float(np.linalg.norm(image_embeddings.mean(0) - text_embeddings.mean(0)))
 
 
-def evaluate(model, params, eval_data: dict, *, pairs, batch_size: int, recall_at=(1, 5)) -> dict:
-    """All metrics on `eval_data` (see `held_out.eval_data`), as {"eval/...": float}.
+EVALUATORS = Registry("evaluator")
 
-    eval_data["classes"] (zero-shot; needs a text tower): `eval/{m}_zeroshot_top1` for every
-    modality m it holds. eval_data["pairs"] (retrieval): for every pair (a, b) of `pairs`,
-    `eval/{a}2{b}_recall@K`, `eval/{b}2{a}_recall@K` and `eval/{a}_{b}_gap`.
-    """
-    towers, embedded = {}, {}
 
-    def embeddings(modality: str, values: np.ndarray) -> np.ndarray:
-        # The same array may serve retrieval and zero-shot: embed it once.
+class Embeddings:
+    """embed(modality, inputs [N, ...]) -> [N, E] with the run's compiled embedders, in
+    fixed-size batches; each array is embedded once however many evaluators read it."""
+
+    def __init__(self, embedders: dict, batch_size: int):
+        self._embedders = embedders  # {modality: fn(inputs [b, ...]) -> [b, E]}
+        self._batch_size = batch_size
+        self._cache = {}
+
+    def __call__(self, modality: str, values: np.ndarray) -> np.ndarray:
         key = (modality, id(values))
-        if key not in embedded:
-            if modality not in towers:
-                towers[modality] = _tower(model, params, modality)
-            embedded[key] = embed(towers[modality], values, batch_size)
-        return embedded[key]
+        if key not in self._cache:
+            self._cache[key] = (embed(self._embedders[modality], values, self._batch_size), values)
+        return self._cache[key][0]  # (the array is kept alive, so its id stays unique)
 
+
+@EVALUATORS.register("zeroshot")
+def zeroshot(embed: Embeddings, eval_data: dict, config) -> dict:
+    """`eval/{m}_zeroshot_top1` for every modality m of eval_data["classes"] (needs a text tower)."""
+    if "classes" not in eval_data:
+        return {}
+    classes = eval_data["classes"]
+    num_classes, num_prompts, max_len = classes["class_texts"].shape
+    prompts = embed("text", classes["class_texts"].reshape(-1, max_len))
+    class_embeddings = _normalise(prompts.reshape(num_classes, num_prompts, -1).mean(axis=1))
+    return {
+        f"eval/{modality}_zeroshot_top1": zeroshot_top1(
+            embed(modality, values), class_embeddings, classes["labels"]
+        )
+        for modality, values in classes["inputs"].items()
+    }
+
+
+@EVALUATORS.register("retrieval")
+def retrieval(embed: Embeddings, eval_data: dict, config) -> dict:
+    """For every pair (a, b) of towers in eval_data["pairs"], contrasted in training or not
+    (binding two modalities to a third aligns them too: ImageBind's emergent retrieval):
+    `eval/{a}2{b}_recall@K`, `eval/{b}2{a}_recall@K` and `eval/{a}_{b}_gap`."""
+    if "pairs" not in eval_data:
+        return {}
+    inputs = eval_data["pairs"]["inputs"]
+    if "text" in inputs:
+        # Examples whose captions have identical tokens form one group: retrieving any
+        # of them is correct.
+        _, groups = np.unique(inputs["text"], axis=0, return_inverse=True)
+        groups = groups.reshape(-1)
+    else:
+        groups = np.arange(len(next(iter(inputs.values()))))
     results = {}
-    if "classes" in eval_data:
-        classes = eval_data["classes"]
-        num_classes, num_prompts, max_len = classes["class_texts"].shape
-        prompts = embeddings("text", classes["class_texts"].reshape(-1, max_len))
-        class_embeddings = _normalise(prompts.reshape(num_classes, num_prompts, -1).mean(axis=1))
-        for modality, values in classes["inputs"].items():
-            results[f"eval/{modality}_zeroshot_top1"] = zeroshot_top1(
-                embeddings(modality, values), class_embeddings, classes["labels"]
-            )
-    if "pairs" in eval_data:
-        inputs = eval_data["pairs"]["inputs"]
-        if "text" in inputs:
-            # Examples whose captions have identical tokens form one group: retrieving any
-            # of them is correct.
-            _, groups = np.unique(inputs["text"], axis=0, return_inverse=True)
-            groups = groups.reshape(-1)
-        else:
-            groups = np.arange(len(next(iter(inputs.values()))))
-        for first, second in pairs:
-            a, b = embeddings(first, inputs[first]), embeddings(second, inputs[second])
-            similarity = a @ b.T  # [N, N]
-            for k in recall_at:
-                results[f"eval/{first}2{second}_recall@{k}"] = recall_at_k(similarity, groups, groups, k)
-                results[f"eval/{second}2{first}_recall@{k}"] = recall_at_k(
-                    similarity.T, groups, groups, k
-                )
-            results[f"eval/{first}_{second}_gap"] = modality_gap(a, b)
+    for first, second in itertools.combinations(inputs, 2):
+        a, b = embed(first, inputs[first]), embed(second, inputs[second])
+        similarity = a @ b.T  # [N, N]
+        for k in config.eval.recall_at:
+            results[f"eval/{first}2{second}_recall@{k}"] = recall_at_k(similarity, groups, groups, k)
+            results[f"eval/{second}2{first}_recall@{k}"] = recall_at_k(similarity.T, groups, groups, k)
+        results[f"eval/{first}_{second}_gap"] = modality_gap(a, b)
+    return results
+
+
+def evaluate(embedders: dict, eval_data: dict, config) -> dict:
+    """The metrics of every evaluator in `config.eval.evaluators`, as {"eval/...": float}.
+
+    `embedders`: {modality: fn(inputs [b, ...]) -> embeddings [b, E]}; `eval_data`: see
+    `held_out.eval_data`. An evaluator is fn(embed, eval_data, config) -> metrics,
+    registered in EVALUATORS.
+    """
+    embed = Embeddings(embedders, config.eval.batch_size)
+    results = {}
+    for name in config.eval.evaluators:
+        results.update(EVALUATORS.get(name, "eval.evaluators")(embed, eval_data, config))
     return results

@@ -11,6 +11,8 @@ backward pass costs twice its forward, so training a tower costs 3x its forward.
 
 from typing import Mapping
 
+from bigalign.models import encoders
+
 
 def _attention_macs(queries: int, keys: int, width: int) -> int:
     """q and output projections per query, k and v per key, then QK^T and AV."""
@@ -21,21 +23,6 @@ def _mlp_macs(tokens: int, width: int, mlp_dim: int) -> int:
     return 2 * tokens * width * mlp_dim
 
 
-def _embedding_macs_and_tokens(tower: Mapping, input_shape: tuple) -> tuple[int, int]:
-    """Multiply-adds of turning one input into tokens, and how many tokens the encoder sees."""
-    if tower["kind"] == "text":
-        (length,) = input_shape
-        return 0, length  # a table lookup: no multiply-adds
-    if tower["kind"] == "audio":
-        input_shape = (*input_shape, 1)  # a spectrogram is a one-channel image
-    rows, cols, channels = input_shape
-    patch = tower["patch_size"]
-    patch_rows, patch_cols = (patch, patch) if isinstance(patch, int) else patch
-    patches = (rows // patch_rows) * (cols // patch_cols)
-    macs = patches * patch_rows * patch_cols * channels * tower["width"]
-    return macs, patches + (tower["pool"] == "cls")
-
-
 def encoder_forward_flops(tower: Mapping, input_shape: tuple) -> int:
     """FLOPs of one example through a resolved tower's encoder (no projection).
 
@@ -44,7 +31,8 @@ def encoder_forward_flops(tower: Mapping, input_shape: tuple) -> int:
     image, (frames, mels) for audio, (max_len,) for text.
     """
     width, mlp_dim = tower["width"], tower["mlp_dim"]
-    macs, tokens = _embedding_macs_and_tokens(tower, input_shape)
+    # The encoder kind counts turning one input into tokens (a patch embedding, a lookup).
+    macs, tokens = encoders.get(tower["kind"]).embedding_flops(tower, input_shape)
     block = _attention_macs(tokens, tokens, width) + _mlp_macs(tokens, width, mlp_dim)
     macs += tower["depth"] * block
     if tower["pool"] == "map":  # one learned query attends over all tokens, then an MLP

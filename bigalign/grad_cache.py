@@ -78,7 +78,7 @@ def from_chunks(tree, mesh: Mesh, axis="data"):
 
 def value_and_grad(
     apply: Callable[..., dict],
-    loss_of_outputs: Callable[[dict], tuple[jax.Array, Any]],
+    loss_of_outputs: Callable[[dict, dict], tuple[jax.Array, Any]],
     *,
     mesh: Mesh,
     num_chunks: int,
@@ -88,9 +88,10 @@ def value_and_grad(
 
     ``apply(params, inputs, *, deterministic, rngs)`` runs a ``ContrastiveModel``
     (which embeds only the modalities it is given, so ``apply(params, {}, ...)``
-    yields just the logit scale and bias). ``loss_of_outputs`` maps the model's
-    outputs {"embeddings": {modality: [B, E]}, "logit_scale", "logit_bias"} for the
-    global batch to (scalar loss, aux). ``axis`` is the mesh axis, or tuple of axes,
+    yields just the logit scale and bias). ``loss_of_outputs(outputs, batch)`` maps the
+    model's outputs {"embeddings": {modality: [B, E]}, "logit_scale", "logit_bias"} for
+    the global batch (no token outputs: only embeddings are cached), and the batch, to
+    (scalar loss, aux). ``axis`` is the mesh axis, or tuple of axes,
     that the batch is split over.
     Returns ``fn(params, batch, rng) -> ((loss, aux), grads)``.
     """
@@ -104,9 +105,10 @@ def value_and_grad(
         )
         return outputs["embeddings"]
 
-    def loss_of_embeddings(params, embeddings):  # {modality: [B, E]} -> (scalar, aux)
+    def loss_of_embeddings(params, embeddings, batch):  # {modality: [B, E]} -> (scalar, aux)
         head = apply(params, {}, deterministic=True, rngs={})  # logit scale and bias only
-        return loss_of_outputs(dict(head, embeddings=embeddings))
+        del head["tokens"]  # empty: no modality was run
+        return loss_of_outputs(dict(head, embeddings=embeddings), batch)
 
     def step(params, batch, rng):
         chunks = to_chunks(batch, num_chunks, mesh, axis)  # {modality: [n, B/n, ...]}
@@ -125,7 +127,7 @@ def value_and_grad(
         # (logit scale and bias; the towers' entries of head_grads are zero).
         (loss, aux), (head_grads, embedding_grads) = jax.value_and_grad(
             loss_of_embeddings, argnums=(0, 1), has_aux=True
-        )(params, embeddings)
+        )(params, embeddings, batch)
         embedding_grads = to_chunks(embedding_grads, num_chunks, mesh, axis)  # {m: [n, B/n, E]}
 
         # 3. Recompute each chunk's forward and pull its cached embedding gradient back.

@@ -56,11 +56,6 @@ def mesh_shape(mesh_config) -> tuple[int, int]:
     return data, fsdp
 
 
-def num_data_shards(mesh_config) -> int:
-    """Into how many pieces the batch is split: data x fsdp."""
-    return math.prod(mesh_shape(mesh_config))
-
-
 def make_mesh(mesh_config) -> Mesh:
     """A (data, fsdp) mesh over the first data x fsdp devices."""
     shape = mesh_shape(mesh_config)

@@ -4,33 +4,28 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from bigalign import sharding, train
-from bigalign.models import towers
+import bigalign
 
 
 def setup(config, data_shards: int, fsdp: int = 1, *, state_cache: dict | None = None):
-    """(mesh, model, optimizer, initial TrainState) for `config` on a (data_shards, fsdp) mesh.
+    """(run, initial TrainState) for `config` on a (data_shards, fsdp) mesh, via bigalign.build.
 
     With `state_cache`, the initial state is built once per mesh shape and copied after:
     for tests whose configs share the seed, towers and optimizer structure (dropout, the
     loss and the learning rate do not change it), since compiling it takes seconds.
     """
     config.mesh.data, config.mesh.fsdp = data_shards, fsdp
-    mesh = sharding.make_mesh(config.mesh)
-    model = towers.build_model(
-        config.model, vocab_size=config.text.vocab_size, max_len=config.text.max_len
-    )
-    optimizer = train.make_optimizer(config)
+    run = bigalign.build(config)
     if state_cache is None:
-        return mesh, model, optimizer, train.create_train_state(config, model, optimizer, mesh)
+        return run, run.init_state()
     if (data_shards, fsdp) not in state_cache:
-        state_cache[data_shards, fsdp] = train.create_train_state(config, model, optimizer, mesh)
-    return mesh, model, optimizer, jax.tree.map(jnp.copy, state_cache[data_shards, fsdp])
+        state_cache[data_shards, fsdp] = run.init_state()
+    return run, jax.tree.map(jnp.copy, state_cache[data_shards, fsdp])
 
 
-def make_step(config, model, optimizer, mesh, state):
-    """The jitted train step for `state`'s layout."""
-    return train.make_train_step(config, model, optimizer, mesh, sharding.shardings_of(state))
+def random_global_batch(run, rng: np.random.Generator) -> dict:
+    """A random batch of the run's shapes, as global arrays on its mesh."""
+    return run.global_batch(run.random_batch(rng))
 
 
 def assert_trees_close(actual, expected, *, rtol: float) -> None:

@@ -4,34 +4,27 @@ import jax
 import numpy as np
 import pytest
 
-from bigalign import sharding, train
+import bigalign
+from bigalign import sharding
 from bigalign.checkpoint import Checkpointer
-from bigalign.data import pipeline, tokenizer as tokenizer_lib
+from bigalign.data import pipeline
 from bigalign.data.skipping import SKIPPED
 from bigalign.errors import UserError
-from bigalign.models.towers import build_model
-from helpers import make_step
 
 
 def build(config, tmp_path, init_seed):
     """State initialised from `init_seed` on a (4, 2) mesh; the data stream always from seed 0."""
     config.seed = init_seed
     config.mesh.fsdp = 2  # parameters and optimizer state are saved and restored sharded
-    tokenizer = tokenizer_lib.load_or_train(
-        str(tmp_path / "tok.model"), lambda: pipeline.tokenizer_corpus(config.data), 64
-    )
-    mesh = sharding.make_mesh(config.mesh)
-    model = build_model(config.model, vocab_size=tokenizer.vocab_size, max_len=config.text.max_len)
-    optimizer = train.make_optimizer(config)
-    state = train.create_train_state(config, model, optimizer, mesh)
+    config.text.vocab_size = 64
+    run = bigalign.build(config, str(tmp_path))  # trains tmp_path/tokenizer.model once
     data = iter(
         pipeline.train_dataset(
-            config.data, tokenizer, max_len=config.text.max_len,
+            config.data, run.tokenizer, max_len=config.text.max_len,
             global_batch_size=config.batch_size, seed=0,
         )
     )
-    step = make_step(config, model, optimizer, mesh, state)
-    return mesh, state, data, step
+    return run.mesh, run.init_state(), data, run.train_step
 
 
 def test_save_restore_round_trips_state_and_data_position(tiny_config, tmp_path):

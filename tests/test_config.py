@@ -6,6 +6,7 @@ import sys
 
 import pytest
 
+import bigalign
 from bigalign import config as config_lib
 from bigalign.errors import UserError
 
@@ -37,9 +38,9 @@ def test_shipped_configs_are_valid():
         (lambda c: setattr(c.model, "embed_dimm", 3), "unknown config key 'model.embed_dimm'; did you mean 'embed_dim'"),
         (lambda c: setattr(c, "batch_size", 12), "batch_size=12 is not divisible by the 8 data shards"),
         (lambda c: setattr(c.model.text, "num_heads", 3), "model.text.width=64 is not divisible by num_heads=3"),
-        (lambda c: setattr(c.loss, "name", "infonce"), "unknown loss.name 'infonce'"),
+        (lambda c: setattr(c.loss, "name", "infonce"), "loss.name='infonce' is unknown; valid: softmax, softmax_tiled, sigmoid, sigmoid_chunked"),
         (lambda c: setattr(c.data, "image_size", 30), "model.image.patch_size=4 does not divide the image input size (30, 30)"),
-        (lambda c: setattr(c.mesh, "data", 3), "mesh.data=3 x mesh.fsdp=1 does not fit the 8 devices"),
+        (lambda c: setattr(c.mesh, "data", 16), "mesh.data=16 x mesh.fsdp=1 does not fit the 8 devices"),
         (lambda c: setattr(c.model.image, "patchsize", 8), "unknown config key 'model.image.patchsize'; did you mean 'patch_size'"),
         (lambda c: setattr(c.model.text, "patch_size", 8), "unknown config key 'model.text.patch_size'"),
         (lambda c: setattr(c.model.image, "variant", "B/15"), "model.image.patch_size=15 does not divide the image input size (32, 32)"),
@@ -64,7 +65,7 @@ def test_validation_errors_name_the_key(change, message):
     config = config_lib.base_config()
     change(config)
     with pytest.raises(UserError) as error:
-        config_lib.validate(config)
+        bigalign.build(config)  # validation, then the checks against the devices
     assert message in str(error.value)
     assert "\n" not in str(error.value)
 
@@ -91,3 +92,11 @@ def test_command_line_errors_are_one_line_without_traceback(override, message, t
     assert result.returncode != 0
     assert message in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_an_unimportable_extension_module_is_a_one_line_error():
+    config = config_lib.base_config()
+    config.imports = ("no_such_extension_module",)
+    with pytest.raises(UserError, match="config.imports names 'no_such_extension_module', which "
+                                        "cannot be imported .*put it on PYTHONPATH"):
+        config_lib.validate(config)

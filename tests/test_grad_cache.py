@@ -6,9 +6,10 @@ import numpy as np
 import pytest
 from jax import lax
 
-from bigalign import config as config_lib, grad_cache, sharding, train
+import bigalign
+from bigalign import config as config_lib, grad_cache, sharding, step
 from bigalign.errors import UserError
-from helpers import assert_trees_close, make_step, setup as build_on_mesh
+from helpers import assert_trees_close, random_global_batch, setup as build_on_mesh
 
 
 NUM_CHUNKS = 4
@@ -44,14 +45,15 @@ def test_chunks_take_rows_from_every_device_and_invert():
 )
 def test_loss_and_gradients_match_plain_autodiff(config, loss_name, shards):
     config.loss.name = loss_name
-    mesh, model, _, state = build_on_mesh(config, shards, state_cache=_initial_states)
-    batch = sharding.global_batch(train.random_batch(config, np.random.default_rng()), mesh)
+    run, state = build_on_mesh(config, shards, state_cache=_initial_states)
+    mesh, model = run.mesh, run.model
+    batch = random_global_batch(run, np.random.default_rng())
     config.grad_cache.num_chunks = NUM_CHUNKS
     config_lib.validate(config)
 
-    loss_fn = train.make_loss_fn(config, model, mesh)
+    loss_fn = step.make_loss_fn(config, model, mesh)
     plain = jax.jit(jax.value_and_grad(loss_fn, has_aux=True))
-    cached = jax.jit(train.make_value_and_grad(config, model, mesh))
+    cached = jax.jit(step.make_value_and_grad(config, model, mesh))
     (loss, metrics), grads = plain(state.params, batch, state.rng)
     (cached_loss, cached_metrics), cached_grads = cached(state.params, batch, state.rng)
 
@@ -63,9 +65,10 @@ def test_loss_and_gradients_match_plain_autodiff(config, loss_name, shards):
 def test_dropout_is_replayed_exactly_in_the_recomputation(config):
     """With dropout on, the result equals autodiff through the same chunked forward (same masks)."""
     config.model.dropout_rate = 0.3
-    mesh, model, _, state = build_on_mesh(config, 8, state_cache=_initial_states)
-    batch = sharding.global_batch(train.random_batch(config, np.random.default_rng()), mesh)
-    output_loss = train.make_output_loss(config, mesh)
+    run, state = build_on_mesh(config, 8, state_cache=_initial_states)
+    mesh, model = run.mesh, run.model
+    batch = random_global_batch(run, np.random.default_rng())
+    output_loss = step.make_output_loss(config, mesh)
 
     def chunked_loss(params, batch, rng):  # the reference: autodiff through the chunked forward
         def embed(xs):
@@ -76,10 +79,10 @@ def test_dropout_is_replayed_exactly_in_the_recomputation(config):
         chunk_outputs = lax.map(embed, (chunks, jnp.arange(NUM_CHUNKS)))
         embeddings = grad_cache.from_chunks(chunk_outputs["embeddings"], mesh)
         head = model.apply({"params": params}, {})
-        return output_loss(dict(head, embeddings=embeddings))[0]
+        return output_loss(dict(head, embeddings=embeddings), batch)[0]
 
     def reference(params, batch, rng):
-        without_dropout, _ = output_loss(model.apply({"params": params}, batch))
+        without_dropout, _ = output_loss(model.apply({"params": params}, batch), batch)
         return jax.value_and_grad(chunked_loss)(params, batch, rng), without_dropout
 
     (loss, grads), loss_without_dropout = jax.jit(reference)(state.params, batch, state.rng)
@@ -97,13 +100,13 @@ def test_dropout_is_replayed_exactly_in_the_recomputation(config):
 
 def test_train_step_with_grad_cache_matches_the_plain_step(config):
     config.optimizer.warmup_steps = 0  # a nonzero learning rate at step 0
-    mesh, model, optimizer, state = build_on_mesh(config, 8, state_cache=_initial_states)
-    batch = sharding.global_batch(train.random_batch(config, np.random.default_rng()), mesh)
+    run, state = build_on_mesh(config, 8, state_cache=_initial_states)
+    batch = random_global_batch(run, np.random.default_rng())
     results = []
     for num_chunks in (1, NUM_CHUNKS):
         config.grad_cache.num_chunks = num_chunks
-        step = make_step(config, model, optimizer, mesh, state)
-        results.append(step(jax.tree.map(jnp.copy, state), batch))  # the step donates its state
+        train_step = bigalign.build(config).train_step
+        results.append(train_step(jax.tree.map(jnp.copy, state), batch))  # the step donates its state
     (plain_state, plain_metrics), (cached_state, cached_metrics) = results
     assert cached_metrics.keys() == plain_metrics.keys()
     np.testing.assert_allclose(cached_metrics["train/loss"], plain_metrics["train/loss"], rtol=1e-4)
@@ -129,11 +132,15 @@ def test_train_step_with_grad_cache_matches_the_plain_step(config):
 def test_validation_names_num_chunks_and_the_fix():
     config = config_lib.base_config()  # batch 256 over 8 shards: 32 rows per device
     config.grad_cache.num_chunks = 3
+    config_lib.validate(config)  # the per-device batch is known once the devices are
     with pytest.raises(UserError, match=r"grad_cache.num_chunks=3 must be a positive divisor of "
                                         r"the per-device batch 32 .*pick a divisor of 32"):
+        bigalign.build(config)
+    config.mesh.data = 8  # ... or when the mesh size is given
+    with pytest.raises(UserError, match=r"grad_cache.num_chunks=3 must be a positive divisor"):
         config_lib.validate(config)
     config.grad_cache.num_chunks = 0
     with pytest.raises(UserError, match="grad_cache.num_chunks=0"):
         config_lib.validate(config)
     config.grad_cache.num_chunks = 8
-    config_lib.validate(config)
+    bigalign.build(config)

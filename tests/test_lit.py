@@ -5,15 +5,15 @@ import numpy as np
 import optax
 import pytest
 
-from bigalign import sharding, train
+from bigalign import train
 from bigalign.errors import UserError
-from helpers import make_step, setup
+from helpers import random_global_batch, setup
 
 
 def test_frozen_tower_is_bit_identical_after_training_steps(tiny_config):
     tiny_config.model.image.frozen = True
     tiny_config.optimizer.warmup_steps = 0
-    mesh, model, optimizer, state = setup(tiny_config, 4, 2)
+    run, state = setup(tiny_config, 4, 2)
     initial = jax.device_get(state.params)
     # The optimizer holds moments for the text tower and the logit scale and bias only.
     for moment in ("mu", "nu"):
@@ -21,10 +21,9 @@ def test_frozen_tower_is_bit_identical_after_training_steps(tiny_config):
             "text", "logit_scale", "logit_bias"
         }
 
-    step = make_step(tiny_config, model, optimizer, mesh, state)
     rng = np.random.default_rng()
     for _ in range(3):
-        state, metrics = step(state, sharding.global_batch(train.random_batch(tiny_config, rng), mesh))
+        state, metrics = run.train_step(state, random_global_batch(run, rng))
     final = jax.device_get(state.params)
     for before, after in zip(jax.tree.leaves(initial["image"]), jax.tree.leaves(final["image"])):
         np.testing.assert_array_equal(after, before)
@@ -68,7 +67,7 @@ def _saved_params(config, workdir):
     """The parameters in the run's latest checkpoint."""
     from bigalign import checkpoint
 
-    mesh, model, optimizer, state = setup(config, 8)
+    _, state = setup(config, 8)
     return {
         name: checkpoint.load_tower(str(workdir), name, like=state.params[name])
         for name in state.params

@@ -47,9 +47,10 @@ def test_vit_output_shape_and_parameter_count(pool):
     vit = VisionTransformer(patch, width, depth, num_heads=4, mlp_dim=mlp, pool=pool)
     images = jax.ShapeDtypeStruct((3, size, size, 3), jnp.float32)
     params = nn.unbox(jax.eval_shape(vit.init, jax.random.key(0), images)["params"])
-    features = jax.eval_shape(vit.apply, {"params": params}, images)
-    assert features.shape == (3, width)
+    output = jax.eval_shape(vit.apply, {"params": params}, images)
     tokens = (size // patch) ** 2
+    assert output.pooled.shape == (3, width)
+    assert output.tokens.shape == (3, tokens + (pool == "cls"), width)  # the sequence before pooling
     assert count(params) == patch_encoder_params(patch * patch * 3, tokens, width, depth, mlp, pool)
 
 
@@ -60,8 +61,8 @@ def test_vit_scales_uint8_pixels_to_the_unit_range():
     params = vit.init(jax.random.key(int(rng.integers(1000))), pixels.astype(np.float32))
     scaled = pixels.astype(np.float32) / 255 * 2 - 1
     assert scaled.min() >= -1 and scaled.max() <= 1
-    np.testing.assert_allclose(vit.apply(params, jnp.asarray(pixels)), vit.apply(params, scaled),
-                               rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(vit.apply(params, jnp.asarray(pixels)).pooled,
+                               vit.apply(params, scaled).pooled, rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize("pool, patch_size", [("gap", 4)] + [(pool, (8, 2)) for pool in audio.POOLINGS])
@@ -71,12 +72,15 @@ def test_audio_tower_output_and_parameter_count(pool, patch_size):
     tower = audio.AudioTransformer(patch_size, width, depth, num_heads=4, mlp_dim=mlp, pool=pool)
     spectrograms = jnp.asarray(np.random.default_rng().normal(size=(3, frames, mels)), jnp.float32)
     params = nn.unbox(jax.jit(tower.init)(jax.random.key(0), spectrograms)["params"])
-    features = jax.jit(tower.apply)({"params": params}, spectrograms)
+    features, sequence = jax.jit(tower.apply)({"params": params}, spectrograms)
     assert features.shape == (3, width)
     assert np.isfinite(features).all()
     patch_frames, patch_mels = (patch_size, patch_size) if isinstance(patch_size, int) else patch_size
     tokens = (frames // patch_frames) * (mels // patch_mels)
     assert params["position_embedding"].shape == (1, tokens, width)
+    assert sequence.shape == (3, tokens + (pool == "cls"), width)
+    if pool == "gap":
+        np.testing.assert_allclose(features, sequence.mean(axis=1), rtol=1e-5, atol=1e-6)
     expected = patch_encoder_params(patch_frames * patch_mels, tokens, width, depth, mlp, pool)
     assert count(params) == expected
 
@@ -109,8 +113,8 @@ def test_text_tower_ignores_padding(pool, causal, text_params):
     tower = make_text_tower(pool, causal)
     tokens = random_tokens(rng, 4, [3, 5, 7, 6])
     apply = jax.jit(tower.apply)
-    full = apply({"params": text_params}, tokens)
-    short = apply({"params": text_params}, tokens[:, :7])
+    full = apply({"params": text_params}, tokens).pooled
+    short = apply({"params": text_params}, tokens[:, :7]).pooled
     np.testing.assert_allclose(full, short, rtol=1e-5, atol=1e-6)
 
 
@@ -120,8 +124,9 @@ def test_causal_text_tower_first_token_sees_only_itself(text_params):
     tokens = random_tokens(rng, 2, [6, 6])
     changed = tokens.at[:, 1:6].set(jnp.asarray(rng.integers(3, 50, size=(2, 5)), jnp.int32))
     apply = jax.jit(tower.apply)
-    first = apply({"params": text_params}, tokens)
-    np.testing.assert_allclose(first, apply({"params": text_params}, changed), rtol=1e-5)
+    first, sequence = apply({"params": text_params}, tokens)
+    np.testing.assert_allclose(first, sequence[:, 0], rtol=1e-6)  # "first" pools token 0
+    np.testing.assert_allclose(first, apply({"params": text_params}, changed).pooled, rtol=1e-5)
 
 
 def small_towers(kinds=("vit", "text", "audio"), **shared):
@@ -409,6 +414,10 @@ def test_build_model_builds_the_configured_towers():
     embeddings = outputs["embeddings"]
     assert {m: e.shape for m, e in embeddings.items()} == {m: (2, 16) for m in inputs}
     assert all(e.dtype == jnp.float32 for e in embeddings.values())
+    # Each tower also returns its encoder's tokens [B, T, width], in the compute dtype.
+    tokens = outputs["tokens"]
+    assert tokens["text"].shape == (2, 10, 32) and tokens["text"].dtype == jnp.bfloat16
+    assert all(t.shape[0] == 2 and t.shape[2] == 32 for t in tokens.values()) and set(tokens) == set(inputs)
 
 
 @pytest.mark.parametrize(

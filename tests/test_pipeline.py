@@ -5,6 +5,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
+from bigalign.modalities import audio as audio_modality
 from bigalign.data import audio, held_out, pipeline, synthetic
 from bigalign.errors import UserError
 from helpers import random_seed
@@ -107,9 +108,9 @@ def test_audio_augmentation_is_a_small_gain(tokenizer):
     seed = random_seed()
     plain, augmented = make(False), make(True)
     # A gain g adds 2 ln(g) / AUDIO_LOG_MEL_STD wherever the energy is far above the floor.
-    loud = plain * pipeline.AUDIO_LOG_MEL_STD + pipeline.AUDIO_LOG_MEL_MEAN > -8  # tone bins
+    loud = plain * audio_modality.LOG_MEL_STD + audio_modality.LOG_MEL_MEAN > -8  # tone bins
     shifts = [(a - p)[mask] for a, p, mask in zip(augmented, plain, loud)]
-    limit = 2 * np.log(10 ** (pipeline.AUDIO_GAIN_DB / 20)) / pipeline.AUDIO_LOG_MEL_STD
+    limit = 2 * np.log(10 ** (pipeline.AUDIO_GAIN_DB / 20)) / audio_modality.LOG_MEL_STD
     for shift in shifts:
         assert shift.size and np.ptp(shift) < 5e-3 and abs(shift.mean()) <= limit + 5e-3
     assert len({round(float(shift.mean()), 4) for shift in shifts}) > 1
@@ -245,8 +246,8 @@ def test_eval_data_matches_the_held_out_split(tokenizer, modalities, monkeypatch
             inputs["image"][i], example["image"]
         )
     if "audio" in modalities:
-        expected = pipeline.normalise_audio(
-            example["audio"][None], pipeline.spectrogram_options(config)
+        expected = audio_modality.normalise(
+            example["audio"][None], audio_modality.spectrogram_options(config)
         )[0]
         np.testing.assert_allclose(inputs["audio"][i], expected, atol=1e-5)
     label = int(np.random.randint(classes))

@@ -13,9 +13,9 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-from bigalign import preemption, sharding, train
+from bigalign import preemption, train
 from bigalign.errors import UserError
-from helpers import make_step, setup
+from helpers import random_global_batch, setup
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # A small demo run: 24 steps of batch 32, a checkpoint every 6, a progress line every step.
@@ -106,18 +106,18 @@ def test_sigterm_saves_the_current_step_and_exits_0(tmp_path):
 
 
 def test_a_nan_batch_is_skipped_counted_and_leaves_params_unchanged(tiny_config):
-    mesh, model, optimizer, state = setup(tiny_config, data_shards=8)
-    step = make_step(tiny_config, model, optimizer, mesh, state)
+    run, state = setup(tiny_config, data_shards=8)
+    step = run.train_step
     rng = np.random.default_rng()
-    good = lambda: sharding.global_batch(train.random_batch(tiny_config, rng), mesh)  # noqa: E731
+    good = lambda: random_global_batch(run, rng)  # noqa: E731
     state, metrics = step(state, good())
     assert int(metrics["train/skipped_steps"]) == 0
     before = jax.device_get((state.params, state.opt_state))
 
-    batch = train.random_batch(tiny_config, rng)
+    batch = run.random_batch(rng)
     images = batch["image"].astype(np.float32) / 127.5 - 1  # the tower takes floats as they are
     images[int(rng.integers(len(images)))] = np.nan
-    state, metrics = step(state, sharding.global_batch({**batch, "image": images}, mesh))
+    state, metrics = step(state, run.global_batch({**batch, "image": images}))
     assert not np.isfinite(float(metrics["train/loss"]))
     assert int(metrics["train/skipped_steps"]) == 1 and int(metrics["train/nonfinite_streak"]) == 1
     after = jax.device_get((state.params, state.opt_state.inner_state))

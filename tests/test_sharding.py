@@ -4,27 +4,23 @@ import jax
 import numpy as np
 import pytest
 
-from bigalign import config as config_lib, sharding, train
+import bigalign
+from bigalign import config as config_lib, sharding, step
 from bigalign.errors import UserError
-from bigalign.models import towers
-from helpers import assert_trees_close
+from helpers import assert_trees_close, random_global_batch, setup
 
 MESH_SHAPES = [(8, 1), (4, 2), (2, 4), (1, 8)]
 
 
 def build(config, mesh_shape):
     config.mesh.data, config.mesh.fsdp = mesh_shape
-    config_lib.validate(config)
-    mesh = sharding.make_mesh(config.mesh)
-    model = towers.build_model(
-        config.model, vocab_size=config.text.vocab_size, max_len=config.text.max_len
-    )
-    return mesh, model, train.make_optimizer(config)
+    return bigalign.build(config)
 
 
-def embeddings_loss_and_grads(config, mesh, model, state, batch):
-    """(embeddings, loss, gradients) of one batch, jitted on `mesh`."""
-    value_and_grad = train.make_value_and_grad(config, model, mesh)
+def embeddings_loss_and_grads(run, state, batch):
+    """(embeddings, loss, gradients) of one batch, jitted on the run's mesh."""
+    config, mesh, model = run.config, run.mesh, run.model
+    value_and_grad = step.make_value_and_grad(config, model, mesh)
 
     def run(params, batch):
         with sharding.logical_rules(mesh):
@@ -42,18 +38,18 @@ def reference(request):
 
     config = make_tiny_config()
     config.model.image.pool = "map"  # the attention-pooling probe and head get sharded too
-    batch = train.random_batch(config, np.random.default_rng())
-    mesh, model, optimizer = build(config, (1, 1))
-    state = train.create_train_state(config, model, optimizer, mesh)
-    return config, batch, state, embeddings_loss_and_grads(config, mesh, model, state, batch)
+    run = build(config, (1, 1))
+    batch = run.random_batch(np.random.default_rng())
+    state = run.init_state()
+    return config, batch, state, embeddings_loss_and_grads(run, state, batch)
 
 
 @pytest.mark.parametrize("mesh_shape", MESH_SHAPES)
 def test_every_mesh_shape_matches_one_device(reference, mesh_shape):
     config, batch, single_state, (embeddings1, loss1, grads1) = reference
-    mesh, model, optimizer = build(config, mesh_shape)
-    state = jax.device_put(single_state, train.state_shardings(config, model, optimizer, mesh))
-    embeddings, loss, grads = embeddings_loss_and_grads(config, mesh, model, state, batch)
+    run = build(config, mesh_shape)
+    state = jax.device_put(single_state, run.state_sharding)
+    embeddings, loss, grads = embeddings_loss_and_grads(run, state, batch)
     np.testing.assert_allclose(loss, loss1, rtol=1e-5)
     for modality in embeddings1:
         np.testing.assert_allclose(embeddings[modality], embeddings1[modality], rtol=1e-5, atol=1e-6)
@@ -62,8 +58,7 @@ def test_every_mesh_shape_matches_one_device(reference, mesh_shape):
 
 @pytest.mark.parametrize("mesh_shape", [(2, 4), (1, 8)])
 def test_parameters_and_optimizer_moments_are_split_over_fsdp(tiny_config, mesh_shape):
-    mesh, model, optimizer = build(tiny_config, mesh_shape)
-    state = train.create_train_state(tiny_config, model, optimizer, mesh)
+    run, state = setup(tiny_config, *mesh_shape)
     fsdp = mesh_shape[1]
     matrices = [  # every weight matrix has a model-width dimension, split over fsdp
         x for path, x in jax.tree_util.tree_leaves_with_path((state.params, state.opt_state))
@@ -74,19 +69,14 @@ def test_parameters_and_optimizer_moments_are_split_over_fsdp(tiny_config, mesh_
         for shard in array.addressable_shards:
             assert shard.data.size == array.size // fsdp, (array.shape, shard.data.shape)
     # A train step keeps the layout (parameters are not gathered for good).
-    step = train.make_train_step(
-        tiny_config, model, optimizer, mesh, sharding.shardings_of(state)
-    )
-    batch = sharding.global_batch(train.random_batch(tiny_config, np.random.default_rng()), mesh)
-    new_state, _ = step(state, batch)
+    new_state, _ = run.train_step(state, random_global_batch(run, np.random.default_rng()))
     for path, array in jax.tree_util.tree_leaves_with_path(new_state.params):
         if array.ndim >= 2 and "bias" not in jax.tree_util.keystr(path):
             assert array.addressable_shards[0].data.size == array.size // fsdp
 
 
 def test_batch_is_split_over_data_and_fsdp(tiny_config):
-    mesh, _, _ = build(tiny_config, (2, 4))
-    batch = sharding.global_batch(train.random_batch(tiny_config, np.random.default_rng()), mesh)
+    batch = random_global_batch(build(tiny_config, (2, 4)), np.random.default_rng())
     for array in batch.values():
         rows = {tuple(range(*s.index[0].indices(len(array)))) for s in array.addressable_shards}
         assert len(rows) == 8  # 8 distinct row blocks, one per device
@@ -96,13 +86,27 @@ def test_batch_is_split_over_data_and_fsdp(tiny_config):
     "mesh, message",
     [
         (dict(data=3, fsdp=1), "mesh.data=3 x mesh.fsdp=1 does not fit the 8 devices"),
-        (dict(data=-1, fsdp=3), "mesh.fsdp=3 does not divide the 8 devices"),
+        (dict(data=-1, fsdp=16), "mesh.fsdp=16 does not divide the 8 devices"),
         (dict(data=4, fsdp=4), "mesh.data=4 x mesh.fsdp=4 does not fit the 8 devices"),
     ],
 )
 def test_mesh_that_does_not_fit_is_a_one_line_error(tiny_config, mesh, message):
+    tiny_config.batch_size = 48  # divisible by each mesh's shards: the devices are the problem
     tiny_config.mesh.update(mesh)
     with pytest.raises(UserError, match=message):
+        bigalign.build(tiny_config)
+
+
+def test_a_pod_config_validates_without_its_devices(tiny_config):
+    """Validation reads the config alone: 64 x 4 devices validate on this 8-device machine;
+    the mesh check comes when the run is built on it."""
+    tiny_config.mesh.update(data=64, fsdp=4)
+    tiny_config.batch_size = 1024
+    config_lib.validate(tiny_config)
+    with pytest.raises(UserError, match="mesh.data=64 x mesh.fsdp=4 does not fit the 8 devices"):
+        bigalign.build(tiny_config)
+    tiny_config.batch_size = 1000  # 1000 is not a multiple of 256 shards: known without devices
+    with pytest.raises(UserError, match="batch_size=1000 is not divisible by the 256 data shards"):
         config_lib.validate(tiny_config)
 
 
@@ -116,13 +120,11 @@ def test_width_not_divisible_by_fsdp_is_a_one_line_error(tiny_config):
 def test_bf16_remat_scan_on_a_2d_mesh_trains(tiny_config):
     tiny_config.model.update(compute_dtype="bfloat16", remat="full", scan_layers=True)
     tiny_config.optimizer.warmup_steps = 0
-    mesh, model, optimizer = build(tiny_config, (2, 4))
-    state = train.create_train_state(tiny_config, model, optimizer, mesh)
+    run, state = setup(tiny_config, 2, 4)
     assert all(x.dtype == np.float32 for x in jax.tree.leaves(state.params))  # master weights
-    step = train.make_train_step(tiny_config, model, optimizer, mesh, sharding.shardings_of(state))
-    batch = sharding.global_batch(train.random_batch(tiny_config, np.random.default_rng()), mesh)
+    batch = random_global_batch(run, np.random.default_rng())
     losses = []
     for _ in range(6):
-        state, metrics = step(state, batch)
+        state, metrics = run.train_step(state, batch)
         losses.append(float(metrics["train/loss"]))
     assert all(np.isfinite(losses)) and losses[-1] < 0.9 * losses[0], losses

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import tensorflow_datasets as tfds
 
+from bigalign.modalities import audio as audio_modality
 from bigalign.data import array_record, held_out, images, pipeline, skipping, sources, waveforms
 from bigalign.data.csv_source import CsvSource
 from bigalign.data.tfds_source import TfdsSource
@@ -107,13 +108,13 @@ def test_csv_sounds_give_log_mels_of_resampled_wav_windows(tmp_path, tokenizer):
     index = write_sound_folder(tmp_path, 10, rng)
     config = csv_config(index, csv_image_column="", csv_audio_column="sound")
     assert sources.modalities(config, config.name) == ("text", "audio")
-    options = pipeline.spectrogram_options(config)
+    options = audio_modality.spectrogram_options(config)
     clip_samples = round(config.audio.clip_seconds * config.audio.sample_rate)
     data = held_out.eval_data(config, tokenizer, max_len=12, modalities=("audio", "text"))
     i = int(rng.integers(10))
     waveform = waveforms.load(CsvSource(index, image_column="", audio_column="sound")[i]["audio"],
                               config.audio.sample_rate)
-    expected = pipeline.normalise_audio(waveforms.clip(waveform, clip_samples)[None], options)[0]
+    expected = audio_modality.normalise(waveforms.clip(waveform, clip_samples)[None], options)[0]
     np.testing.assert_allclose(data["pairs"]["inputs"]["audio"][i], expected, atol=1e-5)
     batch = take(pipeline.train_dataset(config, tokenizer, max_len=12, global_batch_size=4,
                                         seed=0, modalities=("audio", "text")), 1)[0]
@@ -264,3 +265,41 @@ def test_array_record_shards_give_the_csv_pairs(tmp_path, tokenizer):
     as_set = lambda inputs: sorted(  # noqa: E731
         (t.tobytes(), i.tobytes()) for t, i in zip(inputs["text"], inputs["image"]))
     assert as_set(from_shards) == as_set(from_csv)
+
+
+@pytest.fixture
+def inmemory_kind():
+    """Registers "inmemory:N" (N random pairs) from the test alone, and unregisters it after."""
+    rng = np.random.default_rng()
+    pixels = rng.integers(0, 256, (64, 20, 20, 3), dtype=np.uint8)
+
+    def open_inmemory(data_config, argument, split, role, with_audio):
+        return [{"image": pixels[i], "caption": f"{split} pair {i}", "origin": f"inmemory#{i}"}
+                for i in range(int(argument))]
+
+    sources.SOURCES.register("inmemory", sources.SourceKind(open_inmemory, argument_name="N"))
+    try:
+        yield pixels
+    finally:
+        del sources.SOURCES._entries["inmemory"]
+
+
+def test_a_registered_source_kind_is_a_valid_spec_everywhere(inmemory_kind, tokenizer):
+    config = pipeline.default_config()
+    config.update(eval_name="inmemory:6", image_size=16, num_eval=6)
+    pipeline.validate(config)
+    assert sources.parse("inmemory:6") == ("inmemory", "6")
+    with pytest.raises(UserError, match=r"unknown data source 'inmemory'; use 'shapes', .*"
+                                        r"'array_record:GLOB' or 'inmemory:N'"):
+        sources.parse("inmemory")
+    assert sources.modalities(config, "inmemory:6") == ("image", "text")
+    source = sources.open_source(config, "inmemory:6", "validation")
+    assert [e["caption"] for e in source] == [f"validation pair {i}" for i in range(6)]
+    with pytest.raises(UserError, match="'inmemory:6': zero-shot needs class labels; use "
+                                        "'shapes' or 'tfds:NAME'"):
+        sources.open_zeroshot(config, "inmemory:6")
+    inputs = held_out.eval_data(config, tokenizer, max_len=12)["pairs"]["inputs"]
+    i = int(np.random.randint(6))
+    np.testing.assert_array_equal(inputs["image"][i], images.eval_view(inmemory_kind[i], 16))
+    np.testing.assert_array_equal(inputs["text"][i],
+                                  tokenizer.encode([f"{config.eval_split} pair {i}"], 12)[0])

@@ -4,26 +4,25 @@ import json
 import os
 import shutil
 
-import flax.linen as nn
 import jax
 import numpy as np
 import pytest
 
-from bigalign import config as config_lib, sharding, train
-from bigalign.models import towers
-from helpers import make_step, setup
+import bigalign
+from bigalign import config as config_lib, optimizer, step, train
+from helpers import random_global_batch, setup
 
 
 def test_alignment_and_uniformity_terms_are_added_with_their_weights(tiny_config):
-    batch = train.random_batch(tiny_config, np.random.default_rng())
-    mesh, model, _, state = setup(tiny_config, 8)
-    plain_loss, _ = train.make_loss_fn(tiny_config, model, mesh)(
-        state.params, sharding.global_batch(batch, mesh), state.rng
+    run, state = setup(tiny_config, 8)
+    batch = run.random_batch(np.random.default_rng())
+    plain_loss, _ = step.make_loss_fn(tiny_config, run.model, run.mesh)(
+        state.params, run.global_batch(batch), state.rng
     )
-    outputs = model.apply({"params": state.params}, batch)
+    outputs = run.model.apply({"params": state.params}, batch)
     tiny_config.loss.alignment_weight, tiny_config.loss.uniformity_weight = 1.5, 0.5
-    weighted_loss, _ = train.make_loss_fn(tiny_config, model, mesh)(
-        state.params, sharding.global_batch(batch, mesh), state.rng
+    weighted_loss, _ = step.make_loss_fn(tiny_config, run.model, run.mesh)(
+        state.params, run.global_batch(batch), state.rng
     )
     image, text = (np.asarray(outputs["embeddings"][m], np.float64) for m in ("image", "text"))
 
@@ -38,13 +37,12 @@ def test_alignment_and_uniformity_terms_are_added_with_their_weights(tiny_config
 
 
 def test_train_step_on_mesh_decreases_loss_on_a_fixed_batch(tiny_config):
-    mesh, model, optimizer, state = setup(tiny_config, 8)
-    step = make_step(tiny_config, model, optimizer, mesh, state)
-    batch = sharding.global_batch(train.random_batch(tiny_config, np.random.default_rng()), mesh)
-    assert "all-gather" in step.lower(state, batch).compile().as_text()  # negatives cross devices
+    run, state = setup(tiny_config, 8)
+    batch = random_global_batch(run, np.random.default_rng())
+    assert "all-gather" in run.train_step.lower(state, batch).compile().as_text()  # negatives cross devices
     losses = []
     for _ in range(8):
-        state, metrics = step(state, batch)
+        state, metrics = run.train_step(state, batch)
         losses.append(float(metrics["train/loss"]))
     assert int(state.step) == 8
     assert all(np.isfinite(losses))
@@ -87,9 +85,8 @@ def test_training_end_to_end_and_resume_replays_the_same_run(tiny_config, tmp_pa
 @pytest.mark.parametrize("scan_layers", [False, True])
 def test_weight_decay_applies_to_kernels_and_token_table_only(tiny_config, scan_layers):
     tiny_config.model.scan_layers = scan_layers
-    model = towers.build_model(tiny_config.model, vocab_size=128, max_len=tiny_config.text.max_len)
-    params = jax.eval_shape(lambda: model.init(jax.random.key(0), train.example_batch(tiny_config)))
-    mask = train.weight_decay_mask(nn.unbox(params["params"]))
+    params = bigalign.build(tiny_config).abstract_state().params
+    mask = optimizer.weight_decay_mask(params)
     decayed = {
         jax.tree_util.keystr(path) for path, decays in jax.tree_util.tree_leaves_with_path(mask)
         if decays

@@ -31,11 +31,10 @@ import statistics  # noqa: E402
 import time  # noqa: E402
 
 import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
-from bigalign import config as config_lib, sharding, train  # noqa: E402
-from bigalign.models.towers import build_model  # noqa: E402
+import bigalign  # noqa: E402
+from bigalign import config as config_lib  # noqa: E402
 
 MIB = 2**20
 
@@ -69,25 +68,22 @@ def main():
 
     print("$ python tools/bench_grad_cache.py " + shlex.join(sys.argv[1:]), flush=True)
     config = bench_config(args)
-    mesh = sharding.make_mesh(config.mesh)
-    model = build_model(
-        config.model, vocab_size=config.text.vocab_size, max_len=config.text.max_len
-    )
-    optimizer = train.make_optimizer(config)
-    batch = sharding.global_batch(train.random_batch(config, np.random.default_rng(0)), mesh)
-    initial = train.create_train_state(config, model, optimizer, mesh)
-    num_params = sum(x.size for x in jax.tree.leaves(initial.params))
+    batch = num_params = None  # the same for every num_chunks: taken from the first run
 
     steps, states, temp_mib, compile_s = {}, {}, {}, {}
     for num_chunks in chunk_counts:
-        config.grad_cache.num_chunks = num_chunks
-        config_lib.validate(config)
+        variant = config.copy_and_resolve_references()
+        variant.grad_cache.num_chunks = num_chunks
+        run = bigalign.build(variant)  # validates the config
+        state = run.init_state()  # the same parameters for every variant (config.seed)
+        if batch is None:
+            batch = run.global_batch(run.random_batch(np.random.default_rng(0)))
+            num_params = sum(x.size for x in jax.tree.leaves(state.params))
         start = time.perf_counter()
-        step = train.make_train_step(config, model, optimizer, mesh, sharding.shardings_of(initial))
-        steps[num_chunks] = step.lower(initial, batch).compile()
+        steps[num_chunks] = run.train_step.lower(state, batch).compile()
         compile_s[num_chunks] = time.perf_counter() - start
         temp_mib[num_chunks] = steps[num_chunks].memory_analysis().temp_size_in_bytes / MIB
-        states[num_chunks] = jax.tree.map(jnp.copy, initial)  # each step donates its input
+        states[num_chunks] = state  # each step donates its input: one state per variant
         print(f"compiled num_chunks={num_chunks} in {compile_s[num_chunks]:.1f} s: "
               f"temp {temp_mib[num_chunks]:.1f} MiB per device", file=sys.stderr, flush=True)
 

@@ -51,11 +51,11 @@ import jax
 import numpy as np
 from PIL import Image
 
-from bigalign import config as config_lib, sharding, train
+import bigalign
 from bigalign.metrics import markdown_table
 from bigalign.data import array_record, images, pipeline, tokenizer as tokenizer_lib
 from bigalign.data.csv_source import CsvSource
-from bigalign.models import towers
+from bench_configs import sized_config  # tools/ is on sys.path
 
 SIDES = (300, 640)  # range of the images' widths and heights, in pixels
 JPEG_QUALITY = 90
@@ -156,31 +156,20 @@ def pipeline_seconds(args, spec: str, num_workers: int, tokenizer) -> float:
 
 def model_config(args):
     """`--model` for the image tower, the same size without the patch for the text tower."""
-    config = config_lib.sized_config(
+    return sized_config(
         args.model, batch_size=args.batch_size, image_size=args.image_size,
         max_len=args.max_len, vocab_size=args.vocab_size, embed_dim=args.embed_dim,
     )
-    config_lib.validate(config)
-    return config
 
 
 class TrainStep:
     """The compiled train step of `--model` with its state and a random batch on the devices."""
 
     def __init__(self, args):
-        config = model_config(args)
-        mesh = sharding.make_mesh(config.mesh)
-        model = towers.build_model(
-            config.model, vocab_size=config.text.vocab_size, max_len=config.text.max_len
-        )
-        optimizer = train.make_optimizer(config)
-        self.state = train.create_train_state(config, model, optimizer, mesh)
-        self.batch = sharding.global_batch(
-            train.random_batch(config, np.random.default_rng(0)), mesh
-        )
-        step = train.make_train_step(config, model, optimizer, mesh,
-                                     sharding.shardings_of(self.state))
-        self.step = step.lower(self.state, self.batch).compile()
+        run = bigalign.build(model_config(args))  # validates the config
+        self.state = run.init_state()
+        self.batch = run.global_batch(run.random_batch(np.random.default_rng(0)))
+        self.step = run.train_step.lower(self.state, self.batch).compile()
         self.seconds(1)  # the first run also allocates
 
     def seconds(self, steps: int) -> float:

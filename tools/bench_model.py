@@ -21,7 +21,7 @@ Per row it reports:
   steps in turn (round-robin), so load from other processes hits all rows alike and
   the ratios stay meaningful on a shared machine; `--sequential` times each row on its
   own instead, holding one row's state at a time (less memory);
-- model TFLOP/s per device: `train.train_step_flops` (matmuls of forward and backward,
+- model TFLOP/s per device: `Run.flops_per_step` (matmuls of forward and backward,
   recomputation not counted) / step time / devices;
 - state bytes per device: the train state's (parameters, optimizer moments, step, RNG)
   shards that live on the first device;
@@ -65,9 +65,10 @@ from typing import Any  # noqa: E402
 import jax  # noqa: E402  (must come after XLA_FLAGS)
 import numpy as np  # noqa: E402
 
-from bigalign import config as config_lib, sharding, train  # noqa: E402
+import bigalign  # noqa: E402
+from bigalign.builder import step_flops  # noqa: E402
 from bigalign.metrics import markdown_table  # noqa: E402
-from bigalign.models import towers  # noqa: E402
+from bench_configs import sized_config  # noqa: E402  (tools/ is on sys.path)
 
 MIB = 2**20
 
@@ -98,7 +99,7 @@ def row_overrides(num_devices: int) -> dict[str, dict]:
 
 def base_config(args):
     """The baseline: `--size` for both towers (the text tower takes its name without the patch)."""
-    return config_lib.sized_config(
+    return sized_config(
         args.size, batch_size=args.batch_size, image_size=args.image_size,
         max_len=args.max_len, vocab_size=args.vocab_size, embed_dim=args.embed_dim,
     )
@@ -125,6 +126,7 @@ class Row:
     state: Any
     batch: dict
     num_params: int
+    flops_per_step: int  # model FLOPs of one train step
     compile_s: float
     state_bytes: int  # per device
     temp_bytes: int  # per device
@@ -151,21 +153,16 @@ class Row:
 
     @property
     def flops_per_device_per_s(self) -> float:
-        flops = train.train_step_flops(self.config, self.config.text.vocab_size)
-        return flops / self.step_s / self.num_devices
+        return self.flops_per_step / self.step_s / self.num_devices
 
 
 def prepare_row(config) -> Row:
-    """Builds the model, state and a random batch for `config` and compiles its train step."""
-    config_lib.validate(config)
-    mesh = sharding.make_mesh(config.mesh)
-    model = towers.build_model(
-        config.model, vocab_size=config.text.vocab_size, max_len=config.text.max_len
-    )
-    optimizer = train.make_optimizer(config)
-    state = train.create_train_state(config, model, optimizer, mesh)
-    batch = sharding.global_batch(train.random_batch(config, np.random.default_rng(0)), mesh)
-    step = train.make_train_step(config, model, optimizer, mesh, sharding.shardings_of(state))
+    """Builds the run of `config`, its state and a random batch, and compiles its train step."""
+    run = bigalign.build(config)
+    mesh = run.mesh
+    state = run.init_state()
+    batch = run.global_batch(run.random_batch(np.random.default_rng(0)))
+    step = run.train_step
 
     start = time.perf_counter()
     compiled = step.lower(state, batch).compile()
@@ -178,6 +175,7 @@ def prepare_row(config) -> Row:
         state=state,
         batch=batch,
         num_params=sum(x.size for x in jax.tree.leaves(state.params)),
+        flops_per_step=run.flops_per_step,
         compile_s=compile_s,
         state_bytes=bytes_on_device(state, mesh.devices.flat[0]),
         temp_bytes=compiled.memory_analysis().temp_size_in_bytes,
@@ -248,7 +246,7 @@ def describe_setup(args, base, rows: dict[str, Row], load_before: float) -> str:
     devices = jax.devices()
     peak_rss_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
     timing = "each row on its own" if args.sequential else "rows in turn"
-    step_tflops = train.train_step_flops(base, args.vocab_size) / 1e12
+    step_tflops = step_flops(base, args.vocab_size) / 1e12
     return (
         f"{len(devices)} x {devices[0].device_kind} ({devices[0].platform}) devices, "
         f"{os.cpu_count()} host cores, jax {jax.__version__}; load average {load_before:.1f} "

@@ -31,11 +31,13 @@ class ImageError(UnreadableExample):
 
 
 def load(image, *, min_side: int) -> Image.Image:
-    """An RGB PIL image from a uint8 array [H, W(, C)], encoded bytes, or a file path.
+    """An RGB PIL image from a PIL image, a uint8 array [H, W(, C)], encoded bytes, or a file path.
 
     JPEGs are decoded at the smallest scale that keeps both sides >= min_side.
     Raises ImageError naming the problem.
     """
+    if isinstance(image, Image.Image):
+        return image.convert("RGB")
     if isinstance(image, np.ndarray):
         array = image[..., 0] if image.ndim == 3 and image.shape[-1] == 1 else image
         return Image.fromarray(np.asarray(array, np.uint8)).convert("RGB")

@@ -19,10 +19,8 @@ Each batch holds exactly the requested modalities (`MODALITIES` names them all):
 - "image": uint8 [b, H, W, 3] pixels; the image tower scales them to [-1, 1] on the
   device (a quarter of float32's bytes through worker processes and host-to-device).
 - "text": int32 [b, max_len], the caption's token ids.
-- "audio": float32 [b, frames, mels], the log-mel spectrogram (`audio.log_mel_spectrogram`)
-  standardised with fixed constants, (x - AUDIO_LOG_MEL_MEAN) / AUDIO_LOG_MEL_STD, so that
-  training and evaluation see the same values whatever the batch.
-plus, in training, "skipped": the number of unreadable examples dropped while this
+- "audio": float32 [b, frames, mels], the standardised log-mel spectrogram.
+(each prepared by its module in `bigalign/modalities/`), plus, in training, "skipped": the number of unreadable examples dropped while this
 batch was assembled. Sounds are only synthesised when "audio" is requested.
 """
 
@@ -32,17 +30,13 @@ import ml_collections
 import numpy as np
 from absl import flags
 
-from bigalign.data import audio, images, sources, synthetic, waveforms
+from bigalign import modalities as modalities_lib
+from bigalign.data import images, sources, synthetic, waveforms
 from bigalign.data.skipping import SKIPPED, SkipCounter, SkipUnreadable, UnreadableExample
 from bigalign.data.tokenizer import Tokenizer
 from bigalign.errors import UserError
 
 MODALITIES = sources.ALL_MODALITIES
-# Mean and standard deviation of the shapes sounds' log-mel values at the default audio
-# config (-11.70 and 1.94 over 4000 training clips, before augmentation), rounded; fixed
-# so that every spectrogram, in training and evaluation, is standardised the same way.
-AUDIO_LOG_MEL_MEAN = -11.7
-AUDIO_LOG_MEL_STD = 1.9
 # Maximum random gain of a training clip, in decibels (uniform in [-G, G]): well below
 # the 8 dB loudness gap between small and large shapes.
 AUDIO_GAIN_DB = 2.0
@@ -124,39 +118,13 @@ def check_modalities(data_config, spec: str, modalities, key="data.name") -> tup
     return tuple(modalities)
 
 
-def spectrogram_options(data_config) -> dict:
-    """Keyword arguments of `audio.log_mel_spectrogram` for the configured audio."""
-    options = {
-        key: int(data_config.audio[key])
-        for key in ("sample_rate", "num_mel_bins", "frame_length", "hop_length")
-    }
-    if min(options.values()) <= 0:
-        raise UserError(f"data.audio values must be positive; got {options}")
-    return options
-
-
 def input_shapes(data_config, *, max_len: int) -> dict:
     """Per-example shape (no batch dimension) of each modality the training source provides.
 
     {"image": (H, W, 3), "text": (max_len,), "audio": (frames, mels)}
     """
     provided = sources.modalities(data_config, data_config.name)
-    options = spectrogram_options(data_config)
-    frames = audio.num_frames(
-        sources.clip_samples(data_config), options["frame_length"], options["hop_length"]
-    )
-    if frames == 0:
-        raise UserError(
-            f"data.audio.clip_seconds={data_config.audio.clip_seconds} is shorter than one "
-            f"frame of data.audio.frame_length={options['frame_length']} samples"
-        )
-    size = data_config.image_size
-    shapes = {
-        "image": (size, size, 3),
-        "text": (max_len,),
-        "audio": (frames, options["num_mel_bins"]),
-    }
-    return {m: shapes[m] for m in provided}
+    return {m: modalities_lib.get(m).input_shape(data_config, max_len) for m in provided}
 
 
 def _captions(example: dict) -> list[str]:
@@ -261,30 +229,18 @@ def jitter_gain(example: dict, rng: np.random.Generator) -> dict:
     return {**example, "audio": example["audio"] * gain}
 
 
-def normalise_audio(clips: np.ndarray, spectrogram_options: dict) -> np.ndarray:
-    """float32 waveforms [b, S] -> standardised log-mel float32 [b, frames, mels]."""
-    log_mel = audio.log_mel_spectrogram(clips, **spectrogram_options)
-    return (log_mel - np.float32(AUDIO_LOG_MEL_MEAN)) * np.float32(1 / AUDIO_LOG_MEL_STD)
-
-
 class PrepareBatch(grain.transforms.Map):
     """A batch of examples -> the model inputs of `modalities` (see the module docstring)."""
 
     def __init__(self, tokenizer: Tokenizer, max_len: int, modalities, data_config):
-        self.tokenizer = tokenizer
-        self.max_len = max_len
+        self.context = modalities_lib.PrepareContext(tokenizer, max_len, data_config)
         self.modalities = tuple(modalities)
-        self.spectrogram_options = spectrogram_options(data_config)
-
-    def _prepare(self, modality: str, batch: dict) -> np.ndarray:
-        if modality == "image":
-            return batch["image"]  # uint8: the image tower scales it on the device
-        if modality == "text":
-            return self.tokenizer.encode([str(c) for c in batch["caption"]], self.max_len)
-        return normalise_audio(batch["audio"], self.spectrogram_options)
 
     def map(self, batch: dict) -> dict:
-        prepared = {modality: self._prepare(modality, batch) for modality in self.modalities}
+        prepared = {}
+        for name in self.modalities:
+            modality = modalities_lib.get(name)
+            prepared[name] = modality.prepare(batch[modality.raw_key], self.context)
         if SKIPPED in batch:
             prepared[SKIPPED] = int(np.sum(batch[SKIPPED]))
         return prepared

@@ -6,9 +6,8 @@ clip [B, width], pooled by `gap`, `cls` or `map` as in `vit`. The spectrogram
 is read as a one-channel image, so all of the patch encoder is the ViT's.
 """
 
-from bigalign.models.vit import POOLINGS, VisionTransformer
-
-__all__ = ["POOLINGS", "AudioTransformer"]
+from bigalign.models.encoders import ENCODERS, EncoderKind
+from bigalign.models.vit import POOLINGS, VisionTransformer, patch_embedding_flops
 
 
 class AudioTransformer(VisionTransformer):
@@ -16,3 +15,9 @@ class AudioTransformer(VisionTransformer):
 
     def as_image(self, spectrograms):
         return spectrograms[..., None]  # [B, frames, mels] -> [B, frames, mels, 1]
+
+
+ENCODERS.register("audio", EncoderKind(
+    AudioTransformer, options=dict(patch_size=4, pool="gap"), poolings=POOLINGS,
+    embedding_flops=lambda tower, shape: patch_embedding_flops(tower, shape, channels=1),
+))

@@ -1,8 +1,8 @@
 """Transformer text tower (as in CLIP).
 
 token ids [B, L] (0 = padding) -> token embedding + learned positions ->
-pre-LN Transformer (causal or bidirectional, padding masked out) -> one
-vector per text [B, width], pooled at the last real token (`last`, the EOS
+pre-LN Transformer (causal or bidirectional, padding masked out) -> tokens
+[B, L, width] -> one vector per text [B, width], pooled at the last real token (`last`, the EOS
 token the tokenizer appends), the first token (`first`), or by attention
 pooling (`map`).
 """
@@ -10,6 +10,7 @@ pooling (`map`).
 import flax.linen as nn
 import jax.numpy as jnp
 
+from bigalign.models.encoders import ENCODERS, EncoderKind, EncoderOutput
 from bigalign.models.transformer import AttentionPool, Dtype, partitioned, tower_encoder
 
 POOLINGS = ("last", "first", "map")
@@ -52,12 +53,20 @@ class TextTransformer(nn.Module):
         mask = nn.make_attention_mask(is_token, is_token)  # [B, 1, L, L]
         if self.causal:
             mask = nn.combine_masks(mask, nn.make_causal_mask(tokens))
-        x = tower_encoder(self)(x, mask, deterministic=deterministic)
+        x = tower_encoder(self)(x, mask, deterministic=deterministic)  # [B, L, W]
         if self.pool == "first":
-            return x[:, 0]
+            return EncoderOutput(x[:, 0], x)
         if self.pool == "map":
-            return AttentionPool(self.num_heads, self.mlp_dim, self.dtype, name="map_head")(
+            pooled = AttentionPool(self.num_heads, self.mlp_dim, self.dtype, name="map_head")(
                 x, mask=is_token[:, None, None, :]
             )
+            return EncoderOutput(pooled, x)
         last = jnp.maximum(is_token.sum(axis=1) - 1, 0)  # index of the EOS token, [B]
-        return x[jnp.arange(batch), last]
+        return EncoderOutput(x[jnp.arange(batch), last], x)
+
+
+ENCODERS.register("text", EncoderKind(
+    TextTransformer, options=dict(causal=True, pool="last"), poolings=POOLINGS,
+    embedding_flops=lambda tower, shape: (0, shape[0]),  # a table lookup: no multiply-adds
+    context=("vocab_size", "max_len"),
+))

@@ -6,7 +6,8 @@ Transformer, an audio Transformer) followed by a bias-free linear projection to
 (stored as its log, so it stays positive) and bias (SigLIP) that the loss uses.
 
 Parameters are laid out as {modality: {"encoder", "projection"}, "logit_scale",
-"logit_bias"}, so one tower can be locked or swapped by its name.
+"logit_bias"}, so one tower can be locked or swapped by its name. Encoders come from
+the tower-kind registry (`encoders.py`); each also returns its token sequence.
 """
 
 from typing import Any, Mapping
@@ -15,22 +16,19 @@ import flax.linen as nn
 import jax.numpy as jnp
 import ml_collections
 
-from bigalign.models.audio import AudioTransformer
+from bigalign.models import vit, text, audio  # noqa: F401,I001  (registers the kinds in this order)
+from bigalign.models import encoders
 from bigalign.models.sizes import parse_variant
-from bigalign.models.text import TextTransformer
 from bigalign.models.transformer import partitioned
-from bigalign.models.vit import VisionTransformer
 
-ENCODERS = {"vit": VisionTransformer, "text": TextTransformer, "audio": AudioTransformer}
 COMPUTE_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
-
-# Tower config keys that become encoder arguments: shared ones, then each kind's own.
-_SHARED_KEYS = ("width", "depth", "num_heads", "mlp_dim", "pool")
-_KIND_KEYS = {"vit": ("patch_size",), "audio": ("patch_size",), "text": ("causal",)}
 
 
 class Tower(nn.Module):
-    """One modality: encoder -> linear projection -> unit-length float32 embedding [B, embed_dim]."""
+    """One modality: encoder -> linear projection -> unit-length float32 embedding [B, embed_dim].
+
+    Returns (embeddings [B, embed_dim], the encoder's tokens [B, T, width]).
+    """
 
     kind: str
     encoder_kwargs: Mapping[str, Any]
@@ -38,8 +36,8 @@ class Tower(nn.Module):
 
     @nn.compact
     def __call__(self, inputs, *, deterministic: bool = True):
-        encoder = ENCODERS[self.kind](**self.encoder_kwargs, name="encoder")
-        features = encoder(inputs, deterministic=deterministic)  # [B, W]
+        encoder = encoders.get(self.kind).module(**self.encoder_kwargs, name="encoder")
+        features, tokens = encoder(inputs, deterministic=deterministic)  # [B, W], [B, T, W]
         embeddings = nn.Dense(
             self.embed_dim,
             use_bias=False,
@@ -48,11 +46,12 @@ class Tower(nn.Module):
             name="projection",
         )(features)
         embeddings = embeddings.astype(jnp.float32)  # normalise in float32 whatever the compute dtype
-        return embeddings / jnp.linalg.norm(embeddings, axis=-1, keepdims=True).clip(1e-6)
+        return embeddings / jnp.linalg.norm(embeddings, axis=-1, keepdims=True).clip(1e-6), tokens
 
 
 class ContrastiveModel(nn.Module):
-    """Maps {modality: inputs} to {modality: embeddings} plus the logit scale and bias.
+    """Maps {modality: inputs} to {"embeddings": {modality: [B, E]}, "tokens": {modality:
+    [B, T, W]}, "logit_scale", "logit_bias"}.
 
     Only the modalities present in `inputs` are run, so evaluation can embed
     images and texts separately with the same parameters, and `apply(v, {})`
@@ -66,19 +65,22 @@ class ContrastiveModel(nn.Module):
 
     @nn.compact
     def __call__(self, inputs: Mapping[str, jnp.ndarray], *, deterministic: bool = True):
-        embeddings = {}
+        embeddings, tokens = {}, {}
         for modality, tower in self.towers.items():
             kwargs = {k: v for k, v in tower.items() if k != "kind"}
             module = Tower(tower["kind"], kwargs, self.embed_dim, name=modality)
             if modality in inputs:
-                embeddings[modality] = module(inputs[modality], deterministic=deterministic)
+                embeddings[modality], tokens[modality] = module(
+                    inputs[modality], deterministic=deterministic
+                )
         log_scale = self.param(
             "logit_scale", partitioned(nn.initializers.constant(self.init_logit_scale)), (), jnp.float32
         )
         bias = self.param(
             "logit_bias", partitioned(nn.initializers.constant(self.init_logit_bias)), (), jnp.float32
         )
-        return {"embeddings": embeddings, "logit_scale": jnp.exp(log_scale), "logit_bias": bias}
+        return {"embeddings": embeddings, "tokens": tokens, "logit_scale": jnp.exp(log_scale),
+                "logit_bias": bias}
 
 
 def is_tower(value) -> bool:
@@ -98,9 +100,9 @@ def resolve_towers(
 
     A tower's non-empty `variant` ("B/16", "So400m/14", "B") replaces its width,
     depth, num_heads and mlp_dim, and its patch_size when it names one. Model-level
-    dropout_rate, compute_dtype, remat and scan_layers apply to every tower; text
-    towers also get the tokenizer's vocabulary size and maximum length. Keys that
-    are not encoder arguments (frozen, init_from, variant) are dropped.
+    dropout_rate, compute_dtype, remat and scan_layers apply to every tower; a kind
+    that asks for them (text) also gets the tokenizer's vocabulary size and the maximum
+    length. Keys that are not encoder arguments (frozen, init_from, variant) are dropped.
     """
     if model_config.compute_dtype not in COMPUTE_DTYPES:
         raise ValueError(
@@ -109,14 +111,13 @@ def resolve_towers(
     towers = {}
     for name in tower_names(model_config):
         tower = model_config[name]
-        if tower.kind not in ENCODERS:
-            raise ValueError(f"model.{name}.kind={tower.kind!r} is unknown; valid: {', '.join(ENCODERS)}")
-        own_keys = _KIND_KEYS[tower.kind]
-        kwargs = {key: tower[key] for key in _SHARED_KEYS + own_keys if key in tower}
+        kind = encoders.get(tower.kind, f"model.{name}.kind")
+        argument_keys = encoders.ENCODER_ARGUMENTS + tuple(kind.options)
+        kwargs = {key: tower[key] for key in argument_keys if key in tower}
         if tower.get("variant"):
             dims, patch_size = parse_variant(tower.variant)
             kwargs.update(dims)
-            if patch_size is not None and "patch_size" in own_keys:
+            if patch_size is not None and "patch_size" in kind.options:
                 kwargs["patch_size"] = patch_size
         kwargs.update(
             dropout_rate=model_config.dropout_rate,
@@ -124,8 +125,8 @@ def resolve_towers(
             remat=model_config.remat,
             scan_layers=model_config.scan_layers,
         )
-        if tower.kind == "text":
-            kwargs.update(vocab_size=vocab_size, max_len=max_len)
+        context = dict(vocab_size=vocab_size, max_len=max_len)
+        kwargs.update({key: context[key] for key in kind.context})
         towers[name] = {"kind": tower.kind, **kwargs}
     return towers
 

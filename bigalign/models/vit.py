@@ -1,7 +1,7 @@
 """Vision Transformer image tower (Dosovitskiy et al., 2021), the patch encoder audio reuses.
 
 image [B, H, W, C] -> non-overlapping patches -> linear embedding + learned
-positions -> pre-LN Transformer -> one vector per image [B, width], pooled by
+positions -> pre-LN Transformer -> tokens [B, T, width] -> one vector per image [B, width], pooled by
 `gap` (mean of patch tokens), `cls` (a prepended class token) or `map`
 (attention pooling, as in SigLIP). Nothing here is specific to photographs:
 `audio.AudioTransformer` runs the same module on spectrograms.
@@ -12,6 +12,7 @@ from typing import Union
 import flax.linen as nn
 import jax.numpy as jnp
 
+from bigalign.models.encoders import ENCODERS, EncoderKind, EncoderOutput
 from bigalign.models.transformer import AttentionPool, Dtype, partitioned, tower_encoder
 
 POOLINGS = ("gap", "cls", "map")
@@ -72,9 +73,26 @@ class VisionTransformer(nn.Module):
                 "cls_token", partitioned(nn.initializers.zeros, None, None, "embed"), (1, 1, width)
             )
             x = jnp.concatenate([jnp.broadcast_to(cls.astype(self.dtype), (batch, 1, width)), x], axis=1)
-        x = tower_encoder(self)(x, deterministic=deterministic)
+        x = tower_encoder(self)(x, deterministic=deterministic)  # [B, T, W]
         if self.pool == "cls":
-            return x[:, 0]
+            return EncoderOutput(x[:, 0], x)
         if self.pool == "map":
-            return AttentionPool(self.num_heads, self.mlp_dim, self.dtype, name="map_head")(x)
-        return x.mean(axis=1)
+            pooled = AttentionPool(self.num_heads, self.mlp_dim, self.dtype, name="map_head")(x)
+            return EncoderOutput(pooled, x)
+        return EncoderOutput(x.mean(axis=1), x)
+
+
+def patch_embedding_flops(tower, input_shape, channels: int = 3) -> tuple[int, int]:
+    """(multiply-adds of the patch embedding, tokens) for one [rows, cols(, channels)] input."""
+    rows, cols = input_shape[:2]
+    patch = tower["patch_size"]
+    patch_rows, patch_cols = (patch, patch) if isinstance(patch, int) else patch
+    patches = (rows // patch_rows) * (cols // patch_cols)
+    macs = patches * patch_rows * patch_cols * channels * tower["width"]
+    return macs, patches + (tower["pool"] == "cls")
+
+
+ENCODERS.register("vit", EncoderKind(
+    VisionTransformer, options=dict(patch_size=4, pool="gap"), poolings=POOLINGS,
+    embedding_flops=patch_embedding_flops,
+))

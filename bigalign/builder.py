@@ -1,0 +1,186 @@
+"""The run builder: one function that turns a config into everything a run needs.
+
+    run = bigalign.build(config, workdir)   # validated config, mesh, tokenizer, model, ...
+    state = run.init_state()                 # or restored from a checkpoint
+    state, metrics = run.train_step(state, run.global_batch(host_batch))
+    embeddings = run.embedder("image")(state.params, pixels)
+
+The training loop (`train.py`), the evaluation, `bigalign.load`, the benchmarks in
+`tools/` and the tests all build through here, so the sequence config -> mesh ->
+tokenizer -> model -> optimizer -> state layout -> compiled step exists once.
+"""
+
+import dataclasses
+import os
+from collections.abc import Callable
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+from jax.sharding import Mesh
+
+from bigalign import checkpoint, flops, sharding, step
+from bigalign import modalities as modalities_lib
+from bigalign import config as config_lib
+from bigalign.data import held_out, pipeline, tokenizer as tokenizer_lib
+from bigalign.models import towers
+from bigalign.optimizer import make_optimizer
+
+
+def load_tokenizer(config, workdir: str | None) -> tokenizer_lib.Tokenizer | None:
+    """`text.tokenizer`, else WORKDIR/tokenizer.model (trained on the data's captions on
+    first use); None without either (random inputs: config.text.vocab_size ids)."""
+    if config.text.tokenizer:
+        return tokenizer_lib.Tokenizer.load(config.text.tokenizer)
+    if workdir is None:
+        return None
+    return tokenizer_lib.load_or_train(
+        os.path.join(workdir, "tokenizer.model"),
+        lambda: pipeline.tokenizer_corpus(config.data),
+        config.text.vocab_size,
+    )
+
+
+def step_flops(config, vocab_size: int) -> int:
+    """Model FLOPs of one train step (forward + backward, 2 per multiply-add; see flops.py)."""
+    resolved = towers.resolve_towers(config.model, vocab_size=vocab_size, max_len=config.text.max_len)
+    shapes = pipeline.input_shapes(config.data, max_len=config.text.max_len)
+    forward = {
+        name: flops.tower_forward_flops(tower, shapes[name], config.model.embed_dim)
+        for name, tower in resolved.items()
+    }
+    return flops.train_step_flops(
+        forward, step.frozen_towers(config), config.batch_size, config.model.embed_dim,
+        len(config.loss.pairs),
+    )
+
+
+@dataclasses.dataclass
+class Run:
+    """A built run: what `build` made, and the operations on it."""
+
+    config: ml_collections.ConfigDict
+    workdir: str | None
+    mesh: Mesh
+    tokenizer: tokenizer_lib.Tokenizer | None
+    vocab_size: int
+    model: towers.ContrastiveModel
+    optimizer: optax.GradientTransformation
+    state_sharding: Any  # the layout of the train state on the mesh
+    train_step: Callable  # jitted (state, global batch) -> (state, metrics); donates state
+    flops_per_step: int
+    init: Callable  # () -> a boxed TrainState (logical axis names on its leaves)
+    _embedders: dict = dataclasses.field(default_factory=dict)
+
+    @property
+    def modalities(self) -> list[str]:
+        """The towers, each named after the modality it reads."""
+        return towers.tower_names(self.config.model)
+
+    def init_state(self) -> step.TrainState:
+        """Fresh parameters and optimizer state, laid out by `state_sharding`."""
+        return step.create_state(self.init, self.state_sharding)
+
+    def abstract_state(self) -> step.TrainState:
+        """The train state's shapes, dtypes and shardings, without allocating it."""
+        shapes = jax.eval_shape(lambda: nn.unbox(self.init()))
+        return jax.tree.map(lambda s, sharding: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sharding),
+                            shapes, self.state_sharding)
+
+    def global_batch(self, host_batch: dict) -> dict:
+        """This process's numpy batch -> global jax.Arrays split over data x fsdp."""
+        return sharding.global_batch(host_batch, self.mesh)
+
+    def random_batch(self, rng: np.random.Generator) -> dict:
+        """A host batch of random inputs of the config's shapes (benchmarks, tests)."""
+        return modalities_lib.random_batch(self.config, rng, vocab_size=self.vocab_size)
+
+    def embedder(self, modality: str) -> Callable:
+        """fn(params, inputs [n, ...]) -> L2-normalised embeddings [n, E], compiled once."""
+        if modality not in self._embedders:
+            model = self.model
+            self._embedders[modality] = jax.jit(
+                lambda params, x: model.apply({"params": params}, {modality: x})["embeddings"][modality]
+            )
+        return self._embedders[modality]
+
+    def prepare_context(self) -> modalities_lib.PrepareContext:
+        return modalities_lib.PrepareContext(self.tokenizer, self.config.text.max_len, self.config.data)
+
+    def train_data(self):
+        """The endless, checkpointable stream of this process's training batches."""
+        config = self.config
+        return pipeline.train_dataset(
+            config.data, self.tokenizer, max_len=config.text.max_len,
+            global_batch_size=config.batch_size, seed=config.seed, modalities=self.modalities,
+        )
+
+    def eval_data(self) -> dict:
+        """The held-out arrays the evaluators read (see `held_out.eval_data`)."""
+        return held_out.eval_data(self.config.data, self.tokenizer,
+                                  max_len=self.config.text.max_len, modalities=self.modalities)
+
+    def load_initial_towers(self, state: step.TrainState) -> step.TrainState:
+        """Replaces each tower that has `model.<tower>.init_from` with that run's (LiT)."""
+        params = dict(state.params)
+        for name in self.modalities:
+            source = self.config.model[name].init_from
+            if source:
+                params[name] = checkpoint.load_tower(source, name, like=params[name])
+                print(f"Initialised tower {name!r} from {source}", flush=True)
+        return state.replace(params=params)
+
+    def describe(self, params) -> str:
+        """Parameters, devices, mesh and FLOPs, then one line per tower."""
+        config = self.config
+        count = sum(x.size for x in jax.tree.leaves(params))
+        lines = [f"{count / 1e6:.2f}M parameters, {jax.device_count()} devices, "
+                 f"mesh {dict(self.mesh.shape)}, {self.flops_per_step / 1e12:.4g} TFLOPs per train step"]
+        resolved = towers.resolve_towers(config.model, vocab_size=self.vocab_size,
+                                         max_len=config.text.max_len)
+        for name, tower in resolved.items():
+            count = sum(x.size for x in jax.tree.leaves(params[name]))
+            variant = config.model[name].variant or "custom"
+            locked = ", frozen" if config.model[name].frozen else ""
+            lines.append(f"  {name:<6} {tower['kind']:<5} {variant:<10} width {tower['width']:>4}, "
+                         f"depth {tower['depth']:>2}: {count / 1e6:8.2f}M parameters{locked}")
+        return "\n".join(lines)
+
+
+def build(config: ml_collections.ConfigDict, workdir: str | None = None) -> Run:
+    """Validates `config` and builds its run on this machine's devices.
+
+    With a `workdir`, the tokenizer is WORKDIR/tokenizer.model (trained on first use)
+    unless `text.tokenizer` names one; without, text towers use config.text.vocab_size.
+    """
+    config_lib.validate(config)
+    tokenizer = load_tokenizer(config, workdir)
+    vocab_size = tokenizer.vocab_size if tokenizer else config.text.vocab_size
+    mesh = sharding.make_mesh(config.mesh)
+    config_lib.validate_on_mesh(config, mesh)
+    model = towers.build_model(config.model, vocab_size=vocab_size, max_len=config.text.max_len)
+    optimizer = make_optimizer(config)
+    shapes = pipeline.input_shapes(config.data, max_len=config.text.max_len)
+    example = {
+        name: jnp.ones((1, *shapes[name]), modalities_lib.get(name).dtype)
+        for name in towers.tower_names(config.model)
+    }
+    init = step.initializer(config, model, optimizer, example)
+    state_sharding = step.state_shardings(init, mesh)
+    return Run(
+        config=config,
+        workdir=workdir,
+        mesh=mesh,
+        tokenizer=tokenizer,
+        vocab_size=vocab_size,
+        model=model,
+        optimizer=optimizer,
+        state_sharding=state_sharding,
+        train_step=step.make_train_step(config, model, optimizer, mesh, state_sharding),
+        flops_per_step=step_flops(config, vocab_size),
+        init=init,
+    )

@@ -1,0 +1,188 @@
+"""Hooks: what the training loop does besides training, each with its own `every`.
+
+The loop (`train.run_loop`) knows none of them: after every step it calls each hook
+whose `due` says so (by default: every `every` steps and after the last one), and at
+the end each hook's `end`. Logging, checkpointing, evaluation, stopping on SIGTERM and
+the non-finite guard are hooks; a user adds one from Python without touching the loop:
+
+    class PrintLoss(hooks.Hook):
+        every = 10
+        def __call__(self, loop):
+            print(loop.step, float(loop.metrics["train/loss"]))
+
+    train.train_and_evaluate(config, workdir, hooks=[PrintLoss()])
+
+Hooks run in list order, built-ins first: the guard, logging, the stop request,
+checkpointing, evaluation, then the user's.
+"""
+
+import dataclasses
+from typing import Any
+
+import jax
+
+from bigalign import evaluate
+from bigalign.errors import UserError
+from bigalign.metrics import format_table
+
+
+@dataclasses.dataclass
+class LoopState:
+    """What the loop shares with its hooks; hooks may read all of it and set `stop`."""
+
+    run: Any  # build.Run
+    state: Any  # step.TrainState after `step` updates
+    step: int  # updates applied so far
+    total_steps: int
+    train_data: Any  # the training iterator (checkpointed with the state)
+    metrics: dict | None = None  # the last step's metrics, on the device
+    unreadable: int = 0  # unreadable examples dropped since the last log line
+    stop: bool = False  # set by a hook: end after this step, with a checkpoint of it
+    results: dict = dataclasses.field(default_factory=dict)  # the final evaluation
+
+    @property
+    def finished(self) -> bool:
+        return self.step >= self.total_steps
+
+
+class Hook:
+    """Base class: `every` steps (0: never during training), and after the last step."""
+
+    every: int = 1
+
+    def due(self, loop: LoopState) -> bool:
+        return (bool(self.every) and loop.step % self.every == 0) or loop.step == loop.total_steps
+
+    def __call__(self, loop: LoopState) -> None:
+        """Runs after a step for which `due` is true."""
+
+    def end(self, loop: LoopState) -> None:
+        """Runs once after the loop, whether it finished or was stopped (not after errors)."""
+
+
+class NonFiniteGuard(Hook):
+    """Raises UserError once `limit` steps in a row were skipped as non-finite.
+
+    It reads each step's metrics one step late, so the next step is queued on the
+    device before the host waits for the values.
+    """
+
+    def __init__(self, limit: int, checkpointer):
+        self.limit, self.checkpointer = limit, checkpointer
+        self._previous = None  # (step, metrics)
+
+    def __call__(self, loop):
+        if self._previous is not None:
+            self._check(*self._previous)
+        self._previous = (loop.step, loop.metrics)
+
+    def end(self, loop):
+        if self._previous is not None and not loop.stop:
+            self._check(*self._previous)
+
+    def _check(self, step: int, metrics: dict) -> None:
+        streak = int(metrics["train/nonfinite_streak"])
+        if streak >= self.limit:
+            last = self.checkpointer.latest_step()
+            kept = (f"the last checkpoint, step {last}, holds parameters from before them"
+                    if last else "no checkpoint was written")
+            raise UserError(
+                f"{streak} consecutive steps up to step {step} had a non-finite loss or gradient "
+                f"(NaN/Inf) and were skipped, reaching max_consecutive_nonfinite; stopped ({kept}): "
+                f"lower optimizer.learning_rate or check the data, then rerun"
+            )
+
+
+class LogMetrics(Hook):
+    """Appends the step's metrics to metrics.jsonl and prints the progress line."""
+
+    def __init__(self, logger, every: int):
+        self.logger, self.every = logger, every
+
+    def __call__(self, loop):
+        self.logger.log_train(loop.step, {**jax.device_get(loop.metrics), "data/skipped": loop.unreadable})
+        loop.unreadable = 0
+
+
+class StopOnSignal(Hook):
+    """Ends the loop after the step in which SIGTERM or SIGINT arrived (preemption.StopRequest)."""
+
+    def __init__(self, stop_request):
+        self.stop_request = stop_request
+
+    def __call__(self, loop):
+        loop.stop = loop.stop or self.stop_request.requested()
+
+
+class SaveCheckpoints(Hook):
+    """Saves the state and the data position every `every` steps, at the end, and on a stop
+    (also when a hook after this one asked for it).
+
+    Skipped steps leave the parameters as they were, so saving during a non-finite streak
+    is safe.
+    """
+
+    def __init__(self, checkpointer, every: int):
+        self.checkpointer, self.every = checkpointer, every
+        self._saved_step = None
+
+    def due(self, loop):
+        return super().due(loop) or loop.stop
+
+    def __call__(self, loop):
+        self.checkpointer.save(loop.step, loop.state, loop.train_data)
+        self._saved_step = loop.step
+
+    def end(self, loop):
+        if loop.stop and self._saved_step != loop.step:
+            self(loop)
+        self.checkpointer.wait()
+
+
+class Evaluate(Hook):
+    """Runs the evaluators of `eval.evaluators` every `eval.every` steps and when training
+    is complete; results go to metrics.jsonl and the console, the final ones to
+    `loop.results`. The held-out data is read once, on first use."""
+
+    def __init__(self, logger, every: int):
+        self.logger, self.every = logger, every
+        self._data = None
+
+    def due(self, loop):
+        return bool(self.every) and loop.step % self.every == 0 and not loop.finished
+
+    def evaluate(self, loop) -> dict:
+        if self._data is None:
+            self._data = loop.run.eval_data()
+        params = loop.state.params
+        embedders = {m: (lambda x, m=m: loop.run.embedder(m)(params, x)) for m in loop.run.modalities}
+        results = evaluate.evaluate(embedders, self._data, loop.run.config)
+        self.logger.write(loop.step, results)
+        return results
+
+    def __call__(self, loop):
+        results = self.evaluate(loop)
+        if results:
+            print(f"Evaluation at step {loop.step}:\n{format_table(results)}", flush=True)
+
+    def end(self, loop):
+        if loop.stop:
+            return
+        loop.results = self.evaluate(loop)
+        print(f"\nEvaluation: {describe_eval_data(self._data)}")
+        if loop.results:
+            print(format_table(loop.results), flush=True)
+
+
+def describe_eval_data(eval_data: dict) -> str:
+    """What was evaluated on, e.g. "1000 held-out pairs; zero-shot over 24 classes on 1000 examples"."""
+    parts = []
+    if "pairs" in eval_data:
+        count = len(next(iter(eval_data["pairs"]["inputs"].values())))
+        parts.append(f"{count} held-out pairs")
+    if "classes" in eval_data:
+        classes = eval_data["classes"]
+        parts.append(f"zero-shot over {len(classes['class_names'])} classes on "
+                     f"{len(classes['labels'])} examples (chance "
+                     f"{1 / len(classes['class_names']):.4f})")
+    return "; ".join(parts) or "no held-out data configured (data.eval_name, data.zeroshot_name)"

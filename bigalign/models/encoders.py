@@ -1,0 +1,74 @@
+"""Tower kinds: the registry of encoders a tower can use (`model.<tower>.kind`).
+
+Each kind registers an `EncoderKind` from its own module (`vit.py`, `text.py`,
+`audio.py`): the Flax module, the config keys it adds to a tower's (with defaults),
+its poolings and its FLOPs. An encoder maps a batch of inputs to an `EncoderOutput`:
+the pooled features [B, width] that the tower projects into the shared embedding
+space, and the token sequence before pooling [B, T, width] (for losses or decoders
+that attend to tokens, such as a captioning head).
+
+A new kind is a module with an `nn.Module` of that contract and one registration:
+
+    ENCODERS.register("conv", EncoderKind(ConvNet, options=dict(pool="gap"),
+                                          poolings=("gap",), embedding_flops=conv_flops))
+
+after which `config.model.image = config.tower_config("conv")` uses it.
+"""
+
+import dataclasses
+from collections.abc import Callable
+from typing import NamedTuple
+
+import jax
+
+from bigalign.registry import Registry
+
+ENCODERS = Registry("tower kind")
+
+# Keys every tower config has, whatever its kind; the first five become encoder arguments.
+SHARED_OPTIONS = dict(
+    width=64,
+    depth=2,
+    num_heads=2,
+    mlp_dim=256,
+    pool="",  # set by the kind's options
+    variant="",  # a named size ("B/16", "So400m/14"; text: "B"): sets the sizes above
+    frozen=False,  # LiT: no gradient and no optimizer state for this tower
+    init_from="",  # a bigalign workdir (or checkpoint step dir) to load this tower from
+)
+ENCODER_ARGUMENTS = ("width", "depth", "num_heads", "mlp_dim", "pool")
+
+
+class EncoderOutput(NamedTuple):
+    pooled: jax.Array  # [B, width]
+    tokens: jax.Array  # [B, T, width]: the sequence before pooling
+
+
+@dataclasses.dataclass(frozen=True)
+class EncoderKind:
+    """One tower kind.
+
+    module: the encoder's Flax module class; it takes the encoder arguments (the
+      shared ones, `options`, `context` and the model-wide dropout_rate, dtype, remat,
+      scan_layers) and maps inputs to an `EncoderOutput`.
+    options: config keys of this kind beyond SHARED_OPTIONS, with their defaults; all
+      become encoder arguments.
+    poolings: the valid values of `pool`.
+    embedding_flops: (resolved tower, one example's input shape) -> (multiply-adds of
+      turning the input into tokens, number of tokens the Transformer sees); see flops.py.
+    context: arguments the run supplies rather than the config ("vocab_size", "max_len").
+    """
+
+    module: type
+    options: dict
+    poolings: tuple[str, ...]
+    embedding_flops: Callable[[dict, tuple], tuple[int, int]]
+    context: tuple[str, ...] = ()
+
+
+def get(kind: str, key: str = "") -> EncoderKind:
+    return ENCODERS.get(kind, key)
+
+
+def names() -> tuple[str, ...]:
+    return ENCODERS.names()
