@@ -60,15 +60,14 @@ def train_and_evaluate(config, workdir: str, *, hooks=()) -> dict:
     evaluation metrics {"eval/...": float}, or {} when a SIGTERM or SIGINT stopped
     training (after checkpointing the step it was on).
     """
-    config_lib.validate(config)
     os.makedirs(workdir, exist_ok=True)
+    run = build(config, workdir)  # validates the config first
     checkpointer = checkpoint.Checkpointer(
         os.path.join(workdir, "checkpoints"), max_to_keep=config.keep_checkpoints
     )
     train_data = None
     try:
         start_step = _start_or_resume(config, workdir, checkpointer)
-        run = build(config, workdir)
         state = run.init_state()
         train_data = iter(run.train_data())
         if start_step:
