@@ -13,7 +13,7 @@ or a module listed in `config.imports`):
 and `--config.loss.name=my_loss` selects it. Nothing else needs editing.
 """
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 
 from bigalign.errors import UserError
@@ -54,6 +54,3 @@ class Registry:
 
     def __contains__(self, name: str) -> bool:
         return name in self._entries
-
-    def __iter__(self) -> Iterator[str]:
-        return iter(self._entries)

@@ -68,7 +68,3 @@ class EncoderKind:
 
 def get(kind: str, key: str = "") -> EncoderKind:
     return ENCODERS.get(kind, key)
-
-
-def names() -> tuple[str, ...]:
-    return ENCODERS.names()
