@@ -53,8 +53,7 @@ class Model:
         kind = modalities.get(modality)
         context = self.run.prepare_context()
         inputs = kind.prepare(kind.from_user(values, context), context)
-        embedder = self.run.embedder(modality)
-        return evaluate.embed(lambda batch: embedder(self.params, batch), inputs,
+        return evaluate.embed(self.run.embedders(self.params)[modality], inputs,
                               self.config.eval.batch_size)
 
     def embed_image(self, images) -> np.ndarray:

@@ -108,6 +108,11 @@ class Run:
             )
         return self._embedders[modality]
 
+    def embedders(self, params) -> dict:
+        """{modality: fn(inputs [n, ...]) -> embeddings [n, E]} with `params` bound: what the
+        evaluators and `bigalign.load`'s model embed with."""
+        return {m: (lambda x, m=m: self.embedder(m)(params, x)) for m in self.modalities}
+
     def prepare_context(self) -> modalities_lib.PrepareContext:
         return modalities_lib.PrepareContext(self.tokenizer, self.config.text.max_len, self.config.data)
 

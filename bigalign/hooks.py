@@ -154,9 +154,7 @@ class Evaluate(Hook):
     def evaluate(self, loop) -> dict:
         if self._data is None:
             self._data = loop.run.eval_data()
-        params = loop.state.params
-        embedders = {m: (lambda x, m=m: loop.run.embedder(m)(params, x)) for m in loop.run.modalities}
-        results = evaluate.evaluate(embedders, self._data, loop.run.config)
+        results = evaluate.evaluate(loop.run.embedders(loop.state.params), self._data, loop.run.config)
         self.logger.write(loop.step, results)
         return results
 

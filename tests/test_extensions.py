@@ -142,8 +142,8 @@ def test_an_evaluator_and_a_hook_added_from_outside_run_at_their_every(
     model = bigalign.load(str(tmp_path))
     pairs = model.run.eval_data()["pairs"]["inputs"]
     image = model.embed_image(pairs["image"])
-    embedder = model.run.embedder("text")  # the held-out captions are already tokens
-    text = evaluate.embed(lambda x: embedder(model.params, x), pairs["text"], tiny_config.eval.batch_size)
+    embed_tokens = model.run.embedders(model.params)["text"]  # held-out captions are tokens
+    text = evaluate.embed(embed_tokens, pairs["text"], tiny_config.eval.batch_size)
     expected = float(np.mean(np.sum(image * text, axis=-1)))
     assert results["eval/mean_positive_cosine"] == pytest.approx(expected, rel=1e-6)
 
