@@ -16,12 +16,19 @@ import os
 
 import ml_collections
 
-from bigalign import objectives
-from bigalign.data import pipeline
+from bigalign import evaluate, objectives, schema as schema_lib
+from bigalign.data import pipeline, tokenizer
 from bigalign.errors import UserError
 from bigalign.models import encoders, towers, transformer
+from bigalign.schema import Integer, Key, Number, OneOf, Path, Registered, Sequence, Text
 
 SAVED_CONFIG = "config.json"  # in the workdir
+
+
+def tower_schema(kind: str) -> dict:
+    """Every key a tower of `kind` understands: defaults and constraints (schema.py)."""
+    return {"kind": Key(kind, Registered(encoders.ENCODERS)), **encoders.SHARED_OPTIONS,
+            **encoders.get(kind).options}
 
 
 def tower_config(kind: str, **overrides) -> ml_collections.ConfigDict:
@@ -31,102 +38,116 @@ def tower_config(kind: str, **overrides) -> ml_collections.ConfigDict:
     Add a tower to a model with `config.model.<name> = tower_config(kind, ...)`; any
     sub-dict of `config.model` with a `kind` key is a tower, named by its key.
     """
-    tower = {"kind": kind, **encoders.SHARED_OPTIONS, **encoders.get(kind).options}
+    tower = schema_lib.defaults(tower_schema(kind))
     for key in overrides:
         if key not in tower:
             raise UserError(f"tower_config: {kind} towers have no key {key!r}; valid: {sorted(tower)}")
-    return ml_collections.ConfigDict({**tower, **overrides})
+    tower.update(overrides)
+    return tower
+
+
+def schema() -> dict:
+    """Every key bigalign understands: its default for a small model and the values it
+    accepts (schema.py). Configs start from `base_config()`, these defaults."""
+    return dict(
+        # Modules to import before the run is built: extensions that register a loss, tower
+        # kind, modality, evaluator or data source, so a saved config rebuilds the run.
+        imports=Key((), Sequence(Text(nonempty=True))),
+        seed=0,
+        batch_size=Key(256, Integer(low=1)),  # global, across all devices and processes
+        total_steps=Key(1000, Integer(low=1)),
+        log_every=Key(50, Integer(low=1)),
+        checkpoint_every=Key(500, Integer(low=1)),
+        keep_checkpoints=Key(3, Integer(low=1)),
+        # A step with a non-finite loss or gradient is skipped (no update); this many in a
+        # row stop the run, leaving the last checkpoint as it was.
+        max_consecutive_nonfinite=Key(10, Integer(low=1)),
+        optimizer=dict(
+            learning_rate=Key(1e-3, Number(above=0)),
+            warmup_steps=Key(100, Integer(low=0)),
+            # Cosine decays to this fraction of the peak.
+            end_learning_rate_fraction=Key(0.0, Number(low=0, high=1)),
+            b1=Key(0.9, Number(low=0, below=1)),
+            b2=Key(0.95, Number(low=0, below=1)),
+            weight_decay=Key(1e-4, Number(low=0)),  # applied to kernels and the token table only
+            grad_clip_norm=Key(1.0, Number(above=0)),
+        ),
+        # The batch is split over data x fsdp devices; parameters over fsdp. -1: all the rest.
+        mesh=dict(data=Key(-1, Integer(low=-1)), fsdp=Key(1, Integer(low=1))),
+        data=pipeline.schema(),
+        text=dict(
+            max_len=Key(16, Integer(low=2)),  # at least one token and the EOS
+            # Whole-word pieces: every demo caption fits in 11 tokens.
+            vocab_size=Key(128, Integer(low=2)),
+            # A sentencepiece .model path; "" trains WORKDIR/tokenizer.model.
+            tokenizer=Key("", Path("file"), hint=tokenizer.HOW_TO_CREATE),
+        ),
+        model=dict(
+            embed_dim=Key(64, Integer(low=1)),
+            dropout_rate=Key(0.0, Number(low=0, below=1)),
+            init_logit_scale=math.log(10.0),  # log of the initial scale (SigLIP: log 10)
+            init_logit_bias=-10.0,  # SigLIP: -10; softmax losses ignore the bias
+            # "bfloat16": bf16 matmuls, float32 master weights.
+            compute_dtype=Key("float32", OneOf(tuple(towers.COMPUTE_DTYPES))),
+            # Recompute activations in the backward pass: none, full, dots, ...
+            remat=Key("none", OneOf(tuple(transformer.REMAT_POLICIES))),
+            scan_layers=False,  # lax.scan over blocks: faster compiles, stacked params
+            image=tower_schema("vit"),
+            text=tower_schema("text"),
+        ),
+        loss=dict(
+            name=Key("sigmoid", Registered(objectives.LOSSES)),
+            # Towers whose embeddings are contrasted; the loss is the sum over these pairs.
+            pairs=(("image", "text"),),
+            alignment_weight=Key(0.0, Number(low=0)),  # weight of mean ||x_i - y_i||^2, per pair
+            uniformity_weight=Key(0.0, Number(low=0)),  # weight of the mean of a pair's two uniformities
+        ),
+        # GradCache: embed the batch in num_chunks pieces and recompute each one's forward in
+        # the backward pass; same gradients, tower activation memory / num_chunks. 1: off.
+        grad_cache=dict(num_chunks=Key(1, Integer(low=1))),
+        eval=dict(
+            batch_size=Key(250, Integer(low=1)),
+            recall_at=Key((1, 5), Sequence(Integer(low=1))),
+            evaluators=Key(("zeroshot", "retrieval"), Sequence(Registered(evaluate.EVALUATORS))),
+            # Also evaluate every this many steps during training (0: only at the end).
+            every=Key(0, Integer(low=0)),
+        ),
+    )
 
 
 def base_config() -> ml_collections.ConfigDict:
-    """Every key bigalign understands, with defaults for a small model."""
-    c = ml_collections.ConfigDict()
-    # Modules to import before the run is built: extensions that register a loss, tower
-    # kind, modality, evaluator or data source, so a saved config rebuilds the run.
-    c.imports = ()
-    c.seed = 0
-    c.batch_size = 256  # global, across all devices and processes
-    c.total_steps = 1000
-    c.log_every = 50
-    c.checkpoint_every = 500
-    c.keep_checkpoints = 3
-    # A step with a non-finite loss or gradient is skipped (no update); this many in a row
-    # stop the run, leaving the last checkpoint as it was.
-    c.max_consecutive_nonfinite = 10
-
-    c.optimizer = ml_collections.ConfigDict(
-        dict(
-            learning_rate=1e-3,
-            warmup_steps=100,
-            end_learning_rate_fraction=0.0,  # cosine decays to this fraction of the peak
-            b1=0.9,
-            b2=0.95,
-            weight_decay=1e-4,  # applied to kernels and the token table only
-            grad_clip_norm=1.0,
-        )
-    )
-    # The batch is split over data x fsdp devices; parameters over fsdp. -1: all the rest.
-    c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1))
-    c.data = pipeline.default_config()
-    c.text = ml_collections.ConfigDict(
-        dict(
-            max_len=16,
-            vocab_size=128,  # whole-word pieces: every demo caption fits in 11 tokens
-            tokenizer="",  # a sentencepiece .model path; "" trains WORKDIR/tokenizer.model
-        )
-    )
-    c.model = ml_collections.ConfigDict(
-        dict(
-            embed_dim=64,
-            dropout_rate=0.0,
-            init_logit_scale=math.log(10.0),  # log of the initial scale (SigLIP: log 10)
-            init_logit_bias=-10.0,  # SigLIP: -10; softmax losses ignore the bias
-            compute_dtype="float32",  # "bfloat16": bf16 matmuls, float32 master weights
-            remat="none",  # recompute activations in the backward pass: none, full, dots, ...
-            scan_layers=False,  # lax.scan over blocks: faster compiles, stacked params
-            image=tower_config("vit"),
-            text=tower_config("text"),
-        )
-    )
-    c.loss = ml_collections.ConfigDict(
-        dict(
-            name="sigmoid",
-            # Towers whose embeddings are contrasted; the loss is the sum over these pairs.
-            pairs=(("image", "text"),),
-            alignment_weight=0.0,  # weight of mean ||x_i - y_i||^2, per pair
-            uniformity_weight=0.0,  # weight of the mean of a pair's two uniformities
-        )
-    )
-    # GradCache: embed the batch in num_chunks pieces and recompute each one's forward in the
-    # backward pass; same gradients, tower activation memory / num_chunks. 1: off.
-    c.grad_cache = ml_collections.ConfigDict(dict(num_chunks=1))
-    c.eval = ml_collections.ConfigDict(
-        dict(
-            batch_size=250,
-            recall_at=(1, 5),
-            evaluators=("zeroshot", "retrieval"),  # names in evaluate.EVALUATORS
-            every=0,  # also evaluate every this many steps during training (0: only at the end)
-        )
-    )
-    return c
+    """Every key bigalign understands, with defaults for a small model (see `schema`)."""
+    return schema_lib.defaults(schema())
 
 
-def _unknown_keys(config, schema, prefix=""):
-    """Yields (dotted key, close valid names) for keys of `config` absent from `schema`.
+def _check_keys(config, section: dict, prefix=""):
+    """Raises UserError for the first key of `config` absent from `section` (with the
+    closest valid name) or whose value breaks its rule.
 
     A tower (a sub-dict of `model` with a `kind`) is checked against its kind's schema.
     """
     for key in config.keys():
         dotted, value = f"{prefix}{key}", config[key]
         if prefix == "model." and towers.is_tower(value):
-            if value.kind in encoders.ENCODERS:
-                yield from _unknown_keys(value, tower_config(value.kind), prefix=f"{dotted}.")
-        elif key not in schema:
-            yield dotted, difflib.get_close_matches(key, list(schema.keys()), n=1)
-        elif isinstance(schema[key], ml_collections.ConfigDict) and isinstance(
-            value, ml_collections.ConfigDict
-        ):
-            yield from _unknown_keys(value, schema[key], prefix=f"{dotted}.")
+            encoders.get(value.kind, f"{dotted}.kind")
+            _check_keys(value, tower_schema(value.kind), prefix=f"{dotted}.")
+        elif key not in section:
+            close = difflib.get_close_matches(key, list(section), n=1)
+            hint = f"; did you mean {close[0]!r}?" if close else ""
+            raise UserError(f"unknown config key {dotted!r}{hint} (valid keys: bigalign/config.py)")
+        elif isinstance(section[key], dict):
+            if not isinstance(value, ml_collections.ConfigDict):
+                raise UserError(f"{dotted} must be a section of keys, not {value!r}")
+            _check_keys(value, section[key], prefix=f"{dotted}.")
+        else:
+            problem = schema_lib.problem(section[key], value)
+            if problem:
+                raise UserError(f"{dotted}={_shown(value)} {problem}")
+
+
+def _shown(value) -> str:
+    """A config value as a message shows it (tuples for lists, as configs write them)."""
+    return repr(tuple(value)) if isinstance(value, list) else repr(value)
 
 
 def import_extensions(config) -> None:
@@ -144,32 +165,23 @@ def validate(config: ml_collections.ConfigDict) -> None:
 
     Needs no devices: what depends on them is checked by `validate_on_mesh`.
     """
+    _check_keys({"imports": config.get("imports", ())}, {"imports": schema()["imports"]})
     import_extensions(config)
-    for dotted, close in _unknown_keys(config, base_config()):
-        hint = f"; did you mean {close[0]!r}?" if close else ""
-        raise UserError(f"unknown config key {dotted!r}{hint} (valid keys: bigalign/config.py)")
+    _check_keys(config, schema())
 
     def require(ok, message):
         if not ok:
             raise UserError(message)
 
-    require(config.total_steps > 0, "total_steps must be positive")
     require(
-        config.max_consecutive_nonfinite >= 1,
-        f"max_consecutive_nonfinite={config.max_consecutive_nonfinite} must be at least 1",
-    )
-    require(
-        0 <= config.optimizer.warmup_steps <= config.total_steps,
+        config.optimizer.warmup_steps <= config.total_steps,
         f"optimizer.warmup_steps={config.optimizer.warmup_steps} must lie in "
         f"[0, total_steps={config.total_steps}]",
     )
     data, fsdp = config.mesh.data, config.mesh.fsdp
-    require(fsdp >= 1, f"mesh.fsdp={fsdp} must be at least 1 (1: plain data parallelism)")
-    require(data == -1 or data >= 1,
-            f"mesh.data={data} must be positive, or -1 for all devices left after fsdp")
+    require(data != 0, "mesh.data=0 must be positive, or -1 for all devices left after fsdp")
     # With mesh.data=-1 the number of data shards is known once the devices are.
     _validate_batch(config, data * fsdp if data != -1 else fsdp, exact=data != -1)
-    objectives.LOSSES.get(config.loss.name, "loss.name")
     pipeline.validate(config.data)
     _validate_model(config, require, fsdp=fsdp)
     _validate_pairs(config, require)
@@ -177,14 +189,12 @@ def validate(config: ml_collections.ConfigDict) -> None:
 
 def _validate_batch(config, num_shards: int, *, exact: bool) -> None:
     """The batch over `num_shards` data shards (with `exact`, else a divisor of their number)."""
-    if not (config.batch_size > 0 and config.batch_size % num_shards == 0):
+    if config.batch_size % num_shards:
         raise UserError(
             f"batch_size={config.batch_size} is not divisible by the {num_shards} data shards; "
             f"use a multiple of {num_shards}"
         )
     chunks = config.grad_cache.num_chunks
-    if not (isinstance(chunks, int) and chunks >= 1):
-        raise UserError(f"grad_cache.num_chunks={chunks} must be a positive integer (1: off)")
     per_device = config.batch_size // num_shards
     if exact and per_device % chunks:
         raise UserError(
@@ -201,20 +211,10 @@ def validate_on_mesh(config, mesh) -> None:
 
 def _validate_model(config, require, *, fsdp: int) -> None:
     model = config.model
-    require(
-        model.compute_dtype in towers.COMPUTE_DTYPES,
-        f"model.compute_dtype={model.compute_dtype!r} is unknown; "
-        f"valid: {', '.join(towers.COMPUTE_DTYPES)}",
-    )
-    require(
-        model.remat in transformer.REMAT_POLICIES,
-        f"model.remat={model.remat!r} is unknown; valid: {', '.join(transformer.REMAT_POLICIES)}",
-    )
     names = towers.tower_names(config.model)
     require(len(names) >= 2, f"model has towers {names}; a contrastive model needs at least two")
     shapes = pipeline.input_shapes(config.data, max_len=config.text.max_len)
     for name in names:
-        encoders.get(model[name].kind, f"model.{name}.kind")
         require(
             name in shapes,
             f"model.{name} is a tower, but the data has no {name!r} inputs; name each tower "

@@ -15,6 +15,7 @@ config against the one saved in the workdir.
 
 import os
 import sys
+import traceback
 
 import jax
 
@@ -53,6 +54,20 @@ def _start_or_resume(config, workdir: str, checkpointer) -> int:
     return start_step
 
 
+def _make_workdir(workdir: str) -> None:
+    """Creates the workdir; a path that cannot be one is a UserError."""
+    if not workdir:
+        raise UserError("--workdir is empty; give the directory for the run's checkpoints")
+    if os.path.exists(workdir) and not os.path.isdir(workdir):
+        raise UserError(f"--workdir {workdir!r} is a file, not a directory; give a directory "
+                        f"(a new one starts a run, an existing run's resumes it)")
+    try:
+        os.makedirs(workdir, exist_ok=True)
+    except OSError as error:
+        raise UserError(f"cannot create --workdir {workdir!r}: {error.strerror}; give a "
+                        f"directory you can write") from None
+
+
 def train_and_evaluate(config, workdir: str, *, hooks=()) -> dict:
     """Trains to `config.total_steps` (resuming from WORKDIR if it holds a checkpoint), then evaluates.
 
@@ -60,7 +75,7 @@ def train_and_evaluate(config, workdir: str, *, hooks=()) -> dict:
     evaluation metrics {"eval/...": float}, or {} when a SIGTERM or SIGINT stopped
     training (after checkpointing the step it was on).
     """
-    os.makedirs(workdir, exist_ok=True)
+    _make_workdir(workdir)
     run = build(config, workdir)  # validates the config first
     checkpointer = checkpoint.Checkpointer(
         os.path.join(workdir, "checkpoints"), max_to_keep=config.keep_checkpoints
@@ -104,46 +119,89 @@ def train_and_evaluate(config, workdir: str, *, hooks=()) -> dict:
     return loop.results
 
 
-def main(argv):
+def main(argv, flag_values=None):
+    """Trains what the parsed flags say; a UserError ends the process with one line."""
     from absl import flags, logging
 
     del argv
+    flag_values = flags.FLAGS if flag_values is None else flag_values
     logging.set_verbosity(logging.WARNING)  # keep orbax's per-save info lines off the console
-    if flags.FLAGS.config is None:
+    if flag_values.config is None:
         sys.exit("bigalign: --config is required, e.g. --config configs/demo.py")
     try:
-        train_and_evaluate(flags.FLAGS.config, flags.FLAGS.workdir)
+        train_and_evaluate(flag_values.config, flag_values.workdir)
     except UserError as error:
         sys.exit(f"bigalign: error: {error}")
 
 
-def _define_flags():
+def define_flags(flag_values=None):
+    """--config (a config file, with --config.key=value overrides) and --workdir."""
     from absl import flags
     from ml_collections import config_flags
 
-    config_flags.DEFINE_config_file("config", None, "Config file (configs/*.py).", lock_config=True)
-    flags.DEFINE_string("workdir", None, "Directory for checkpoints, tokenizer and metrics.jsonl.")
-    flags.mark_flags_as_required(["workdir"])
+    flag_values = flags.FLAGS if flag_values is None else flag_values
+    config_flags.DEFINE_config_file("config", None, "Config file (configs/*.py).",
+                                    flag_values=flag_values, lock_config=True)
+    flags.DEFINE_string("workdir", None, "Directory for checkpoints, tokenizer and metrics.jsonl.",
+                        flag_values=flag_values)
+    flags.mark_flags_as_required(["workdir"], flag_values=flag_values)
 
 
-def _parse_flags(argv):
-    """absl flag parsing, with bad `--config.key=value` overrides as one-line errors."""
+def parse_flags(argv, flag_values=None):
+    """absl flag parsing; a missing or broken config file and a bad `--config.key=value`
+    override end the process with one line."""
     from absl import flags
 
+    flag_values = flags.FLAGS if flag_values is None else flag_values
+    path = _config_path(argv)
+    if path is not None and not os.path.isfile(path):
+        problem = "is a directory" if os.path.isdir(path) else "does not exist"
+        sys.exit(f"bigalign: error: config file {path!r} {problem}; give a Python file with a "
+                 f"get_config() function, e.g. --config configs/demo.py")
     try:
-        return flags.FLAGS(argv)
+        return flag_values(argv)
     except flags.Error as error:
         sys.exit(f"bigalign: error: {error} (see --helpfull)")
-    except (AttributeError, KeyError, TypeError, ValueError) as error:
+    except SyntaxError as error:
+        sys.exit(f"bigalign: error: config file {error.filename!r} line {error.lineno}: "
+                 f"{error.msg}")
+    except Exception as error:  # noqa: BLE001  (the config file's own code may raise anything)
+        line = _line_in(error, path)
+        if line is not None:
+            sys.exit(f"bigalign: error: config file {path!r} line {line}: "
+                     f"{type(error).__name__}: {error}")
+        if "get_config" in str(error):
+            sys.exit(f"bigalign: error: config file {path!r} has no get_config() function")
+        if not isinstance(error, (AttributeError, KeyError, TypeError, ValueError)):
+            raise
         # ml_collections nests a KeyError's repr in the message: unescape it onto one line.
         message = str(error).replace("\\'", "'").replace("\\n", " ")
-        if message[:1] in "'\"" and message[:1] == message[-1:]:
+        while len(message) > 1 and message[:1] in "'\"" and message[:1] == message[-1:]:
             message = message[1:-1]
+        if message.isidentifier():  # a bare KeyError: a key the config does not have
+            message = f"the config has no key {message!r} (valid keys: bigalign/config.py)"
         sys.exit(f"bigalign: error in a --config override: {message}")
+
+
+def _config_path(argv) -> str | None:
+    """The file of `--config FILE[:ARGS]` in argv, or None."""
+    for i, arg in enumerate(argv):
+        if arg.startswith("--config="):
+            return arg.split("=", 1)[1].split(":", 1)[0]
+        if arg == "--config" and i + 1 < len(argv):
+            return argv[i + 1].split(":", 1)[0]
+    return None
+
+
+def _line_in(error: BaseException, path: str | None) -> int | None:
+    """The line of `path` (the config file) deepest in the error's traceback, if any."""
+    lines = [frame.lineno for frame in traceback.extract_tb(error.__traceback__)
+             if path and os.path.abspath(frame.filename) == os.path.abspath(path)]
+    return lines[-1] if lines else None
 
 
 if __name__ == "__main__":
     from absl import app
 
-    _define_flags()
-    app.run(main, flags_parser=_parse_flags)
+    define_flags()
+    app.run(main, flags_parser=parse_flags)

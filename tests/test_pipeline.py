@@ -6,9 +6,9 @@ import orbax.checkpoint as ocp
 import pytest
 
 from bigalign.modalities import audio as audio_modality
-from bigalign.data import audio, held_out, pipeline, synthetic
+from bigalign.data import held_out, pipeline, synthetic
 from bigalign.errors import UserError
-from helpers import random_seed
+from helpers import random_seed, write_image_folder
 
 
 # --- pipelines --------------------------------------------------------------------
@@ -139,24 +139,29 @@ def test_epochs_are_permutations_in_different_orders(tokenizer):
     assert not np.array_equal(epochs[0], epochs[1])
 
 
-def test_processes_read_interleaved_shards(tokenizer, monkeypatch):
-    config = small_config(augment=False)
-    make = lambda batch: iter(  # noqa: E731
-        pipeline.train_dataset(config, tokenizer, max_len=12, global_batch_size=batch, seed=5)
-    )
-    whole = next(make(8))["text"]  # one process, global batch 8
-    monkeypatch.setattr(pipeline.jax, "process_count", lambda: 2)
-    shards = []
-    for index in range(2):
-        monkeypatch.setattr(pipeline.jax, "process_index", lambda index=index: index)
-        shards.append(next(make(8))["text"])  # each process: 4 of the global 8
-    assert shards[0].shape == (4, 12)
-    np.testing.assert_array_equal(whole[0::2], shards[0])
-    np.testing.assert_array_equal(whole[1::2], shards[1])
-
-    monkeypatch.setattr(pipeline.jax, "process_count", lambda: 3)
-    with pytest.raises(ValueError, match="batch_size=8"):
-        pipeline.train_dataset(config, tokenizer, max_len=12, global_batch_size=8, seed=5)
+@pytest.mark.parametrize("source", ["shapes", "csv"])
+def test_each_process_loads_its_share_of_the_global_batch_augmented_alike(
+        source, tokenizer, tmp_path):
+    """Process p of P gets examples p, p + P, ... of the one-process batch, each with the
+    same crop, flip, jitter and caption: randomness keys on the global example index."""
+    rng = np.random.default_rng(random_seed())
+    config = small_config(augment=True)
+    if source == "csv":
+        config.update(name=f"csv:{write_image_folder(tmp_path, 40, rng)}",
+                      crop_scale=(0.3, 1.0), flip=True)
+    make = lambda process: iter(pipeline.train_dataset(  # noqa: E731
+        config, tokenizer, max_len=12, global_batch_size=12, seed=5, process=process))
+    whole = take(make(None), 3)  # this one process loads all 12
+    for count in (2, 3):
+        for index in range(count):
+            share = take(make((index, count)), 3)
+            for step, (got, expected) in enumerate(zip(share, whole)):
+                for key in ("image", "text"):
+                    np.testing.assert_array_equal(got[key], expected[key][index::count],
+                                                  err_msg=f"{key}, step {step}, seed {config.seed}")
+    with pytest.raises(UserError, match="batch_size=12 must be a positive multiple of the 5"):
+        pipeline.train_dataset(config, tokenizer, max_len=12, global_batch_size=12, seed=5,
+                               process=(0, 5))
 
 
 def test_unknown_dataset_name_lists_valid_ones(tokenizer):

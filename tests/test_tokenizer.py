@@ -8,7 +8,6 @@ import numpy as np
 import pytest
 
 from bigalign.data import synthetic, tokenizer as tokenizer_lib
-from bigalign.errors import UserError
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 VOCAB_SIZE = 128  # enough for whole-word pieces on the shapes captions

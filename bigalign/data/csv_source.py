@@ -33,7 +33,8 @@ class CsvSource:
             raise UserError("a CSV index needs an image or an audio column; set "
                             "data.csv_image_column or data.csv_audio_column")
         if not os.path.isfile(path):
-            raise UserError(f"CSV index {path!r} does not exist; give the path of an index "
+            problem = "is a directory" if os.path.isdir(path) else "does not exist"
+            raise UserError(f"CSV index {path!r} {problem}; give the path of an index file "
                             f"with columns {[*self.file_columns.values(), text_column]}")
         separator = separator or default_separator(path)
         folder = os.path.dirname(os.path.abspath(path))

@@ -1,8 +1,9 @@
 """The training input pipeline: a checkpointable grain stream of model-ready batches.
 
 Training (per JAX process):
-    source -> shuffle -> repeat (each epoch reshuffled) -> this process's shard
-    -> per example: decode, augment, pick a caption (seeded by its position)
+    source -> shuffle -> repeat (each epoch reshuffled)
+    -> per example: decode, augment, pick a caption (seeded by its global position)
+    -> this process's shard
     -> drop unreadable examples (counted, bounded: skipping.py) -> batch
     -> tokenize / normalise / log-mel (per batch, vectorised) -> prefetch (thread or processes)
 Every step is a pure function of (seed, position), so the iterator's state is a
@@ -30,11 +31,12 @@ import ml_collections
 import numpy as np
 from absl import flags
 
-from bigalign import modalities as modalities_lib
+from bigalign import modalities as modalities_lib, schema as schema_lib
 from bigalign.data import images, sources, synthetic, waveforms
-from bigalign.data.skipping import SKIPPED, SkipCounter, SkipUnreadable, UnreadableExample
+from bigalign.data.skipping import SKIPPED, SkipUnreadable, UnreadableExample
 from bigalign.data.tokenizer import Tokenizer
 from bigalign.errors import UserError
+from bigalign.schema import Integer, Key, Number, Path, Sequence, Text
 
 MODALITIES = sources.ALL_MODALITIES
 # Maximum random gain of a training clip, in decibels (uniform in [-G, G]): well below
@@ -46,47 +48,59 @@ THREAD_PREFETCH_BATCHES = 2
 TOKENIZER_CORPUS_EXAMPLES = 100_000
 
 
-def default_config() -> ml_collections.ConfigDict:
-    """The `data` section of a bigalign config, with defaults for the CPU demo."""
-    return ml_collections.ConfigDict(
-        dict(
-            # Sources (see sources.py): "shapes", "tfds:NAME", "csv:PATH", "array_record:GLOB".
-            name="shapes",  # the training pairs
-            train_split="train",  # tfds split of the training pairs
-            eval_name="",  # held-out pairs for retrieval; "": shapes or `name` at eval_split (tfds)
-            eval_split="test",  # tfds split of the held-out pairs
-            zeroshot_name="",  # labelled images for zero-shot ("tfds:cifar10"); "": shapes only
-            zeroshot_split="test",
-            image_size=32,
-            num_train=20000,  # shapes only: size of its training split
-            num_eval=1000,  # held-out examples: shapes' eval split; elsewhere the first this many
-            seed=0,  # what the shapes examples look like; the training seed only orders them
-            num_workers=0,  # >0: that many grain worker processes; 0: one background thread
-            augment=True,
-            crop_scale=(0.9, 1.0),  # random-resized crop: range of the area fraction kept
-            crop_ratio=(3 / 4, 4 / 3),  # ... and of its aspect ratio
-            flip=True,  # random horizontal flips (not on shapes: captions name left and right)
-            max_skipped_fraction=0.01,  # unreadable examples tolerated before the run stops
-            # tfds features (nested: "captions/text"); a ClassLabel text_key gives prompt captions.
-            image_key="image",
-            text_key="caption",
-            label_key="label",
-            tfds_data_dir="",  # "": tfds' default (~/tensorflow_datasets or $TFDS_DATA_DIR)
-            csv_image_column="filepath",
-            csv_text_column="caption",
-            csv_audio_column="",  # a column of WAV paths, for audio towers ("": none)
-            csv_separator="",  # "": tab for .tsv, comma otherwise
-            class_names="",  # a file with one zero-shot class name per line (overrides tfds')
-            prompts=(),  # zero-shot prompt templates with one "{}"; (): sources.DEFAULT_PROMPTS
-            audio=dict(
-                sample_rate=8000,  # Hz of the synthesised waveforms
-                clip_seconds=0.5,  # length of a clip: 4000 samples at 8 kHz
-                num_mel_bins=32,  # spectrogram channels: HTK mel filters from 0 Hz to Nyquist
-                frame_length=256,  # samples per frame (32 ms); the FFT is the next power of two
-                hop_length=120,  # samples between frame starts: 32 frames in 0.5 s
-            ),
-        )
+def schema() -> dict:
+    """The `data` section of a bigalign config: defaults for the CPU demo, and each key's
+    constraint (schema.py)."""
+    return dict(
+        # Sources (see sources.py): "shapes", "tfds:NAME", "csv:PATH", "array_record:GLOB".
+        name=Key("shapes", Text(nonempty=True)),  # the training pairs
+        train_split=Key("train", Text(nonempty=True)),  # tfds split of the training pairs
+        eval_name="",  # held-out pairs for retrieval; "": shapes or `name` at eval_split (tfds)
+        eval_split=Key("test", Text(nonempty=True)),  # tfds split of the held-out pairs
+        zeroshot_name="",  # labelled images for zero-shot ("tfds:cifar10"); "": shapes only
+        zeroshot_split=Key("test", Text(nonempty=True)),
+        image_size=Key(32, Integer(low=1)),
+        num_train=Key(20000, Integer(low=1)),  # shapes only: size of its training split
+        # Held-out examples: shapes' eval split; elsewhere the first this many.
+        num_eval=Key(1000, Integer(low=1)),
+        seed=0,  # what the shapes examples look like; the training seed only orders them
+        # >0: that many grain worker processes; 0: one background thread.
+        num_workers=Key(0, Integer(low=0)),
+        augment=True,
+        crop_scale=(0.9, 1.0),  # random-resized crop: range of the area fraction kept
+        crop_ratio=(3 / 4, 4 / 3),  # ... and of its aspect ratio
+        flip=True,  # random horizontal flips (not on shapes: captions name left and right)
+        # Unreadable examples tolerated before the run stops.
+        max_skipped_fraction=Key(0.01, Number(low=0, high=1)),
+        # tfds features (nested: "captions/text"); a ClassLabel text_key gives prompt captions.
+        image_key="image",
+        text_key=Key("caption", Text(nonempty=True)),
+        label_key="label",
+        # "": tfds' default (~/tensorflow_datasets or $TFDS_DATA_DIR).
+        tfds_data_dir=Key("", Path("directory")),
+        csv_image_column="filepath",
+        csv_text_column=Key("caption", Text(nonempty=True)),
+        csv_audio_column="",  # a column of WAV paths, for audio towers ("": none)
+        csv_separator="",  # "": tab for .tsv, comma otherwise
+        # A file with one zero-shot class name per line (overrides tfds').
+        class_names=Key("", Path("file")),
+        # Zero-shot prompt templates with one "{}"; (): sources.DEFAULT_PROMPTS.
+        prompts=Key((), Sequence(Text(nonempty=True))),
+        audio=dict(
+            sample_rate=Key(8000, Integer(low=1)),  # Hz of the synthesised waveforms
+            clip_seconds=Key(0.5, Number(above=0)),  # length of a clip: 4000 samples at 8 kHz
+            # Spectrogram channels: HTK mel filters from 0 Hz to Nyquist.
+            num_mel_bins=Key(32, Integer(low=1)),
+            # Samples per frame (32 ms); the FFT is the next power of two.
+            frame_length=Key(256, Integer(low=1)),
+            hop_length=Key(120, Integer(low=1)),  # samples between frame starts: 32 frames in 0.5 s
+        ),
     )
+
+
+def default_config() -> ml_collections.ConfigDict:
+    """The `data` section's defaults (see `schema`)."""
+    return schema_lib.defaults(schema())
 
 
 def validate(data_config) -> None:
@@ -102,9 +116,6 @@ def validate(data_config) -> None:
     if not 0 < low <= high:
         raise UserError(f"data.crop_ratio={tuple(data_config.crop_ratio)} must be (low, high) "
                         f"aspect ratios with 0 < low <= high")
-    if data_config.image_size <= 0:
-        raise UserError(f"data.image_size={data_config.image_size} must be positive")
-    SkipCounter(data_config.max_skipped_fraction)  # checks the fraction
     sources.prompts(data_config)
 
 
@@ -246,15 +257,14 @@ class PrepareBatch(grain.transforms.Map):
         return prepared
 
 
-def per_process_batch_size(global_batch_size: int) -> int:
-    """The batch each JAX process loads: global_batch_size / process_count."""
-    processes = jax.process_count()
-    if global_batch_size <= 0 or global_batch_size % processes:
+def per_process_batch_size(global_batch_size: int, process_count: int) -> int:
+    """The batch each of `process_count` JAX processes loads."""
+    if global_batch_size <= 0 or global_batch_size % process_count:
         raise UserError(
             f"batch_size={global_batch_size} must be a positive multiple of the "
-            f"{processes} JAX processes"
+            f"{process_count} JAX processes"
         )
-    return global_batch_size // processes
+    return global_batch_size // process_count
 
 
 def train_dataset(
@@ -265,21 +275,23 @@ def train_dataset(
     global_batch_size: int,
     seed: int,
     modalities=("image", "text"),
+    process: tuple[int, int] | None = None,
 ) -> grain.IterDataset:
     """The endless training stream of this process's batches (see the module docstring).
 
     Yields dicts with the keys `modalities` (any of MODALITIES), each with a leading
-    batch dimension b = global_batch_size // jax.process_count(), and "skipped".
+    batch dimension b = global_batch_size // process count, and "skipped". `process`:
+    (index, count) of the loading process; None: this JAX process of jax.process_count().
     """
+    index, count = process or (jax.process_index(), jax.process_count())
     modalities = check_modalities(data_config, data_config.name, modalities)
-    batch_size = per_process_batch_size(global_batch_size)
+    batch_size = per_process_batch_size(global_batch_size, count)
     source = sources.open_source(data_config, data_config.name, data_config.train_split,
                                  with_audio="audio" in modalities)
     # shuffle before repeat: the shuffle seed is folded with the epoch, so epochs differ.
     examples = grain.MapDataset.source(source).seed(seed).shuffle().repeat()
-    # Process p takes examples p, p + P, p + 2P, ... of the shared global order.
-    examples = examples[jax.process_index() :: jax.process_count()]
-    # Each rng is seeded by (seed, position, which transform).
+    # Each rng is seeded by (seed, global position, which transform): an example is
+    # augmented the same way however many processes load the stream.
     if sources.parse(data_config.name)[0] != "shapes":
         examples = examples.random_map(TrainView(data_config))
     elif data_config.augment:
@@ -287,6 +299,9 @@ def train_dataset(
             examples = examples.random_map(jitter_photometric)
         if "audio" in modalities:
             examples = examples.random_map(jitter_gain)
+    # Process p takes examples p, p + P, p + 2P, ... of the shared global order (lazily:
+    # only its own are read and augmented).
+    examples = examples[index::count]
     # The stream is rendered on one thread per process: threads would contend for the GIL.
     batches = examples.to_iter_dataset(grain.ReadOptions(num_threads=0, prefetch_buffer_size=0))
     batches = SkipUnreadable(batches, data_config.max_skipped_fraction)

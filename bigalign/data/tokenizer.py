@@ -21,7 +21,7 @@ from bigalign.errors import UserError
 
 PAD_ID, UNK_ID, EOS_ID = 0, 1, 2
 
-_HOW_TO_CREATE = (
+HOW_TO_CREATE = (
     "create one with `python tools/train_tokenizer.py --input texts.txt --output MODEL "
     "--vocab_size N`, or leave text.tokenizer empty to let the trainer build "
     "WORKDIR/tokenizer.model"
@@ -38,14 +38,14 @@ class Tokenizer:
             raise UserError(
                 f"the sentencepiece model has pad_id={self._processor.pad_id()}, "
                 f"eos_id={self._processor.eos_id()}; bigalign needs pad_id={PAD_ID} and an EOS "
-                f"piece: {_HOW_TO_CREATE}"
+                f"piece: {HOW_TO_CREATE}"
             )
 
     @classmethod
     def load(cls, model_path: str) -> "Tokenizer":
         """Reads a .model file written by `train_tokenizer` (or any model with pad_id=0 and EOS)."""
         if not os.path.isfile(model_path):
-            raise UserError(f"tokenizer model {model_path!r} does not exist; {_HOW_TO_CREATE}")
+            raise UserError(f"tokenizer model {model_path!r} does not exist; {HOW_TO_CREATE}")
         with open(model_path, "rb") as f:
             return cls(f.read())
 

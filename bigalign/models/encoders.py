@@ -22,19 +22,22 @@ from typing import NamedTuple
 import jax
 
 from bigalign.registry import Registry
+from bigalign.schema import Integer, Key, Path
 
 ENCODERS = Registry("tower kind")
 
-# Keys every tower config has, whatever its kind; the first five become encoder arguments.
+# Keys every tower config has, whatever its kind (schema.py: defaults and constraints);
+# the first five become encoder arguments.
 SHARED_OPTIONS = dict(
-    width=64,
-    depth=2,
-    num_heads=2,
-    mlp_dim=256,
-    pool="",  # set by the kind's options
+    width=Key(64, Integer(low=1)),
+    depth=Key(2, Integer(low=0)),  # 0: no blocks (an encoder without layers)
+    num_heads=Key(2, Integer(low=1)),
+    mlp_dim=Key(256, Integer(low=1)),
+    pool="",  # set by the kind's options; its valid values are the kind's poolings
     variant="",  # a named size ("B/16", "So400m/14"; text: "B"): sets the sizes above
     frozen=False,  # LiT: no gradient and no optimizer state for this tower
-    init_from="",  # a bigalign workdir (or checkpoint step dir) to load this tower from
+    # A bigalign workdir (or checkpoint step dir) to load this tower from.
+    init_from=Key("", Path("directory")),
 )
 ENCODER_ARGUMENTS = ("width", "depth", "num_heads", "mlp_dim", "pool")
 
@@ -51,8 +54,8 @@ class EncoderKind:
     module: the encoder's Flax module class; it takes the encoder arguments (the
       shared ones, `options`, `context` and the model-wide dropout_rate, dtype, remat,
       scan_layers) and maps inputs to an `EncoderOutput`.
-    options: config keys of this kind beyond SHARED_OPTIONS, with their defaults; all
-      become encoder arguments.
+    options: config keys of this kind beyond SHARED_OPTIONS, with their defaults (or
+      `schema.Key`s: a default and its constraint); all become encoder arguments.
     poolings: the valid values of `pool`.
     embedding_flops: (resolved tower, one example's input shape) -> (multiply-adds of
       turning the input into tokens, number of tokens the Transformer sees); see flops.py.

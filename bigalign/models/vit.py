@@ -14,6 +14,7 @@ import jax.numpy as jnp
 
 from bigalign.models.encoders import ENCODERS, EncoderKind, EncoderOutput
 from bigalign.models.transformer import AttentionPool, Dtype, partitioned, tower_encoder
+from bigalign.schema import Integer, Key
 
 POOLINGS = ("gap", "cls", "map")
 
@@ -93,6 +94,6 @@ def patch_embedding_flops(tower, input_shape, channels: int = 3) -> tuple[int, i
 
 
 ENCODERS.register("vit", EncoderKind(
-    VisionTransformer, options=dict(patch_size=4, pool="gap"), poolings=POOLINGS,
+    VisionTransformer, options=dict(patch_size=Key(4, Integer(low=1)), pool="gap"), poolings=POOLINGS,
     embedding_flops=patch_embedding_flops,
 ))
