@@ -1,6 +1,13 @@
-"""Test setup: a simulated 8-device CPU mesh, configured before jax is imported."""
+"""Test setup: a simulated 8-device CPU mesh, configured before jax is imported, and seeds.
 
+numpy's global RNG is seeded before each test from the session seed and the test's id, so a
+failure reproduces with BIGALIGN_TEST_SEED=<seed> (shown in the header and the failure report)
+and the same test selection.
+"""
+
+import hashlib
 import os
+import secrets
 
 os.environ["XLA_FLAGS"] = (
     os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
@@ -11,7 +18,33 @@ import jax  # noqa: E402  (must come after XLA_FLAGS)
 
 jax.config.update("jax_enable_x64", False)
 
+import numpy as np  # noqa: E402
 import pytest  # noqa: E402
+
+os.environ.setdefault("BIGALIGN_TEST_SEED", str(secrets.randbelow(2**32)))  # shared by workers
+SEED = int(os.environ["BIGALIGN_TEST_SEED"])
+
+
+def seed_for(nodeid: str) -> int:
+    digest = hashlib.sha256(f"{SEED}:{nodeid}".encode()).digest()
+    return int.from_bytes(digest[:4], "little")
+
+
+def pytest_report_header(config):
+    return f"BIGALIGN_TEST_SEED={SEED}"
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_runtest_setup(item):
+    np.random.seed(seed_for(item.nodeid))  # before fixtures, which may draw too
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(item, call):
+    report = yield
+    if report.failed:
+        report.sections.append(("seed", f"reproduce with BIGALIGN_TEST_SEED={SEED}"))
+    return report
 
 
 def make_tiny_config():

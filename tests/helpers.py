@@ -1,6 +1,7 @@
-"""Helpers shared by the train-step tests: the model and state on a mesh, gradient comparison."""
+"""Helpers shared by the tests: the model and state on a mesh, tree comparison, seeds, jaxprs."""
 
 import jax
+import jax.extend
 import jax.numpy as jnp
 import numpy as np
 
@@ -28,21 +29,46 @@ def random_global_batch(run, rng: np.random.Generator) -> dict:
     return run.global_batch(run.random_batch(rng))
 
 
-def assert_trees_close(actual, expected, *, rtol: float) -> None:
-    """Per-element `rtol`, plus absolute slack of 1e-5 of the largest entry of `expected`.
+KEY_BIASES = "['key']['bias']"  # 0 in exact math: softmax over keys ignores a shift common to all
 
-    Whole-model gradients sum in another order on 8 shards, and some are exactly 0 in exact
-    math (attention key biases; the logit bias under softmax) but come out as float32 noise.
+
+def assert_trees_close(actual, expected, *, rtol: float, noise=()) -> None:
+    """Leaf by leaf: |a - e| <= rtol * (|e| + max |e| of that leaf), the error naming the leaf.
+
+    Leaves whose path contains a string of `noise` are 0 in exact math and float32 rounding
+    noise in practice (KEY_BIASES; the logit bias under softmax): they must agree within
+    rtol x the largest |e| of the whole tree.
     """
-    slack = 1e-5 * max(float(np.max(np.abs(x))) for x in jax.tree.leaves(expected))
+    paths = jax.tree_util.tree_leaves_with_path(expected)
     assert jax.tree.structure(actual) == jax.tree.structure(expected)
-    for a, e in zip(jax.tree.leaves(actual), jax.tree.leaves(expected)):
-        np.testing.assert_allclose(a, e, rtol=rtol, atol=slack)
+    noise_atol = rtol * max(float(np.max(np.abs(e))) for _, e in paths)
+    for (path, e), a in zip(paths, jax.tree.leaves(actual)):
+        where = jax.tree_util.keystr(path)
+        e = np.asarray(e)
+        is_noise = any(part in where for part in noise)
+        atol = noise_atol if is_noise else rtol * float(np.max(np.abs(e), initial=0.0))
+        np.testing.assert_allclose(a, e, rtol=0 if is_noise else rtol, atol=atol, err_msg=where)
 
 
 def random_seed() -> int:
-    """A fresh seed per test run: tests hold for any data, not one lucky draw."""
+    """A seed from numpy's global RNG, which conftest seeds per test from the session seed
+    (BIGALIGN_TEST_SEED): fresh data every session, reproducible from the seed it reports."""
     return int(np.random.randint(0, 2**31 - 1))
+
+
+def equations(jaxpr):
+    """Every equation of a (closed) jaxpr, those of nested jaxprs (jit, scan, shard_map,
+    custom_vjp, ...) included."""
+    for eqn in getattr(jaxpr, "jaxpr", jaxpr).eqns:
+        yield eqn
+        for value in eqn.params.values():
+            for sub in value if isinstance(value, (tuple, list)) else (value,):
+                if isinstance(sub, (jax.extend.core.Jaxpr, jax.extend.core.ClosedJaxpr)):
+                    yield from equations(sub)
+
+
+def dtypes(variables) -> tuple:
+    return tuple(np.dtype(v.aval.dtype) for v in variables if hasattr(v.aval, "dtype"))
 
 
 WORDS = ("red", "blue", "green", "cat", "dog", "bird", "on", "a", "the", "grass", "sofa", "sky")
@@ -91,3 +117,39 @@ def write_sound_folder(folder, count: int, rng: np.random.Generator, *, rate: in
     index = folder / "sounds.csv"
     index.write_text("\n".join(rows) + "\n")
     return str(index)
+
+
+def recomputed_metrics(workdir) -> dict:
+    """The final eval metrics recomputed in numpy from the params checkpointed in `workdir`."""
+    model = bigalign.load(str(workdir))
+    data, size = model.run.eval_data(), model.config.eval.batch_size
+
+    def embed(modality, inputs):  # in the evaluation's batch shape, so ties rank alike
+        padded = np.concatenate([inputs, np.repeat(inputs[-1:], -len(inputs) % size, axis=0)])
+        fn = model.run.embedder(modality)
+        chunks = [np.asarray(fn(model.params, padded[i:i + size])) for i in range(0, len(padded), size)]
+        return np.concatenate(chunks)[: len(inputs)]
+
+    metrics, inputs = {}, data["pairs"]["inputs"]
+    # A retrieved item is a hit when its caption's tokens equal the query's.
+    same = (inputs["text"][:, None] == inputs["text"][None]).all(-1)
+    names = list(inputs)
+    for i, first in enumerate(names):
+        for second in names[i + 1:]:
+            a, b = embed(first, inputs[first]), embed(second, inputs[second])
+            for query, candidate, similarity in ((first, second, a @ b.T), (second, first, (a @ b.T).T)):
+                for k in model.config.eval.recall_at:
+                    hits = [same[q, sorted(range(len(a)), key=lambda j: -similarity[q, j])[:k]].any()
+                            for q in range(len(a))]
+                    metrics[f"eval/{query}2{candidate}_recall@{k}"] = np.mean(hits)
+            metrics[f"eval/{first}_{second}_gap"] = np.sqrt(np.sum((a.mean(0) - b.mean(0)) ** 2))
+    if "classes" in data:
+        classes = data["classes"]
+        num_classes, num_prompts, max_len = classes["class_texts"].shape
+        prompts = embed("text", classes["class_texts"].reshape(-1, max_len))
+        centroids = prompts.reshape(num_classes, num_prompts, -1).mean(1)
+        centroids /= np.linalg.norm(centroids, axis=-1, keepdims=True)
+        for modality, values in classes["inputs"].items():
+            predicted = np.argmax(embed(modality, values) @ centroids.T, axis=1)
+            metrics[f"eval/{modality}_zeroshot_top1"] = np.mean(predicted == classes["labels"])
+    return metrics

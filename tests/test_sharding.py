@@ -2,12 +2,13 @@
 
 import jax
 import numpy as np
+import optax
 import pytest
 
 import bigalign
 from bigalign import config as config_lib, sharding, step
 from bigalign.errors import UserError
-from helpers import assert_trees_close, random_global_batch, setup
+from helpers import KEY_BIASES, assert_trees_close, random_global_batch, random_seed, setup
 
 MESH_SHAPES = [(8, 1), (4, 2), (2, 4), (1, 8)]
 
@@ -39,7 +40,7 @@ def reference(request):
     config = make_tiny_config()
     config.model.image.pool = "map"  # the attention-pooling probe and head get sharded too
     run = build(config, (1, 1))
-    batch = run.random_batch(np.random.default_rng())
+    batch = run.random_batch(np.random.default_rng(random_seed()))
     state = run.init_state()
     return config, batch, state, embeddings_loss_and_grads(run, state, batch)
 
@@ -53,7 +54,7 @@ def test_every_mesh_shape_matches_one_device(reference, mesh_shape):
     np.testing.assert_allclose(loss, loss1, rtol=1e-5)
     for modality in embeddings1:
         np.testing.assert_allclose(embeddings[modality], embeddings1[modality], rtol=1e-5, atol=1e-6)
-    assert_trees_close(grads, grads1, rtol=1e-5)
+    assert_trees_close(grads, grads1, rtol=1e-5, noise=(KEY_BIASES,))
 
 
 @pytest.mark.parametrize("mesh_shape", [(2, 4), (1, 8)])
@@ -69,14 +70,14 @@ def test_parameters_and_optimizer_moments_are_split_over_fsdp(tiny_config, mesh_
         for shard in array.addressable_shards:
             assert shard.data.size == array.size // fsdp, (array.shape, shard.data.shape)
     # A train step keeps the layout (parameters are not gathered for good).
-    new_state, _ = run.train_step(state, random_global_batch(run, np.random.default_rng()))
+    new_state, _ = run.train_step(state, random_global_batch(run, np.random.default_rng(random_seed())))
     for path, array in jax.tree_util.tree_leaves_with_path(new_state.params):
         if array.ndim >= 2 and "bias" not in jax.tree_util.keystr(path):
             assert array.addressable_shards[0].data.size == array.size // fsdp
 
 
 def test_batch_is_split_over_data_and_fsdp(tiny_config):
-    batch = random_global_batch(build(tiny_config, (2, 4)), np.random.default_rng())
+    batch = random_global_batch(build(tiny_config, (2, 4)), np.random.default_rng(random_seed()))
     for array in batch.values():
         rows = {tuple(range(*s.index[0].indices(len(array)))) for s in array.addressable_shards}
         assert len(rows) == 8  # 8 distinct row blocks, one per device
@@ -122,9 +123,42 @@ def test_bf16_remat_scan_on_a_2d_mesh_trains(tiny_config):
     tiny_config.optimizer.warmup_steps = 0
     run, state = setup(tiny_config, 2, 4)
     assert all(x.dtype == np.float32 for x in jax.tree.leaves(state.params))  # master weights
-    batch = random_global_batch(run, np.random.default_rng())
+    batch = random_global_batch(run, np.random.default_rng(random_seed()))
     losses = []
     for _ in range(6):
         state, metrics = run.train_step(state, batch)
         losses.append(float(metrics["train/loss"]))
     assert all(np.isfinite(losses)) and losses[-1] < 0.9 * losses[0], losses
+
+
+RING_LOSSES = {"softmax_tiled": "softmax", "sigmoid_chunked": "sigmoid"}  # ring -> all-gather
+_ring_states = {}  # mesh shape -> initial TrainState, shared by the ring-loss tests
+
+
+def one_train_step(config, loss_name, mesh_shape, batch_seed):
+    """(loss, grad norm, Adam's first moment) after one real train step from the initial state.
+
+    After one step the first moment is (1 - b1) x the clipped gradient: the gradients, as the
+    step computed them.
+    """
+    config.loss.name = loss_name
+    run, state = setup(config, *mesh_shape, state_cache=_ring_states)
+    state, metrics = run.train_step(state, random_global_batch(run, np.random.default_rng(batch_seed)))
+    is_adam = lambda x: isinstance(x, optax.ScaleByAdamState)  # noqa: E731
+    (adam,) = [x for x in jax.tree.leaves(state.opt_state, is_leaf=is_adam) if is_adam(x)]
+    return jax.device_get((metrics["train/loss"], metrics["train/grad_norm"], adam.mu))
+
+
+@pytest.mark.parametrize("ring", list(RING_LOSSES))
+def test_ring_losses_over_data_and_fsdp_match_all_gather_and_one_device(tiny_config, ring):
+    """The ring losses pass embeddings around both batch axes, ("data", "fsdp"), in the train step."""
+    gathered, seed = RING_LOSSES[ring], random_seed()
+    noise = (KEY_BIASES, "['logit_bias']") if gathered == "softmax" else (KEY_BIASES,)
+    single = one_train_step(tiny_config, gathered, (1, 1), seed)
+    for mesh_shape in [(4, 2), (2, 4)]:
+        ring_results = one_train_step(tiny_config, ring, mesh_shape, seed)
+        for expected in (one_train_step(tiny_config, gathered, mesh_shape, seed), single):
+            loss, grad_norm, moments = ring_results
+            np.testing.assert_allclose(loss, expected[0], rtol=1e-5, err_msg=str(mesh_shape))
+            np.testing.assert_allclose(grad_norm, expected[1], rtol=1e-5, err_msg=str(mesh_shape))
+            assert_trees_close(moments, expected[2], rtol=1e-5, noise=noise)

@@ -96,14 +96,16 @@ class MultiHeadAttention(nn.Module):
 
         query = split_heads("query", inputs_q)
         key, value = split_heads("key", inputs_kv), split_heads("value", inputs_kv)
-        y = nn.dot_product_attention(
+        weights = nn.dot_product_attention_weights(
             query,
             key,
-            value,
             mask=mask,
             dtype=self.dtype,
             force_fp32_for_softmax=True,  # a bfloat16 softmax over long rows loses too much
-        )  # [B, Tq, heads, kv]
+        )  # [B, heads, Tq, Tk], float32
+        # Back to the compute dtype, so weights x values is a bf16 matmul too (flax's
+        # dot_product_attention leaves it float32 x bf16).
+        y = jnp.einsum("...hqk,...khd->...qhd", weights.astype(self.dtype), value)  # [B, Tq, heads, kv]
         return AttentionProjection(
             equation="bthk,hkw->btw",
             kernel_shape=(*heads, width),
