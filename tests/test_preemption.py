@@ -3,6 +3,7 @@ non-finite steps are skipped and counted, and too many in a row stop the run."""
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -15,20 +16,32 @@ import pytest
 
 from bigalign import preemption, train
 from bigalign.errors import UserError
-from helpers import random_global_batch, setup
+from helpers import random_global_batch, random_seed, setup
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-# A small demo run: 24 steps of batch 32, a checkpoint every 6, a progress line every step.
+# A small demo run: 24 steps of batch 32, a checkpoint every 6, a progress line every step;
+# no evaluators (what is compared is the training, and the final evaluation costs seconds).
 RUN = ["--config.total_steps=24", "--config.checkpoint_every=6", "--config.log_every=1",
        "--config.batch_size=32", "--config.optimizer.warmup_steps=3",
-       "--config.data.num_train=512", "--config.data.num_eval=64"]
+       "--config.data.num_train=512", "--config.data.num_eval=64", "--config.eval.evaluators=()"]
+PROGRESS = re.compile(r"^step +(\d+)/24 ", re.MULTILINE)
+RESUMED = re.compile(r"^Resuming from the checkpoint at step (\d+) ", re.MULTILINE)
 
 
-def start_run(workdir) -> subprocess.Popen:
+@pytest.fixture(scope="module")
+def compile_cache(tmp_path_factory):
+    """A JAX compilation cache the runs share: the later ones load the train step instead
+    of compiling it again (most of a short run's time)."""
+    return tmp_path_factory.mktemp("jax_cache")
+
+
+def start_run(workdir, compile_cache) -> subprocess.Popen:
     return subprocess.Popen(
         [sys.executable, "-m", "bigalign.train", "--config", f"{REPO}/configs/demo.py",
          "--workdir", str(workdir), *RUN],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=REPO,
+        env={**os.environ, "JAX_COMPILATION_CACHE_DIR": str(compile_cache),
+             "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0"},
     )
 
 
@@ -37,9 +50,16 @@ def run_to_step(process: subprocess.Popen, step: int) -> list[str]:
     lines = []
     for line in process.stdout:
         lines.append(line)
-        if line.startswith("step") and int(line.split()[1].split("/")[0]) >= step:
+        if (progress := PROGRESS.match(line)) and int(progress[1]) >= step:
             break
     return lines
+
+
+def kill(process: subprocess.Popen) -> str:
+    """SIGKILLs the run; returns what it printed after the last line read."""
+    process.send_signal(signal.SIGKILL)
+    process.wait(timeout=60)
+    return process.stdout.read()
 
 
 def wait_for(path, seconds: float = 30) -> None:
@@ -68,29 +88,48 @@ def losses(workdir) -> dict[int, float]:
     return {r["step"]: r["train/loss"] for r in records if "train/loss" in r}
 
 
-def test_sigkill_then_resume_is_bit_identical_to_an_uninterrupted_run(tmp_path):
+def test_sigkill_then_resume_is_bit_identical_to_an_uninterrupted_run(tmp_path, compile_cache):
+    """One run SIGKILLed at 3 random steps, resumed after each: it must match a straight run.
+
+    Each restart must resume from a step before the end and print a progress line for every
+    step from there on: a kill that landed after training ended would fail here."""
     straight = tmp_path / "straight"
-    finish(start_run(straight))
+    finish(start_run(straight, compile_cache))
     expected_params, expected_losses = final_params(straight, 24), losses(straight)
     assert sorted(expected_losses) == list(range(1, 25))
 
-    rng = np.random.default_rng()
-    for kill_at in sorted(rng.choice(np.arange(7, 24), size=3, replace=False)):
-        workdir = tmp_path / f"killed_at_{kill_at}"
-        process = start_run(workdir)
-        run_to_step(process, int(kill_at))
-        wait_for(workdir / "checkpoints" / "6")  # the first checkpoint is complete
-        process.send_signal(signal.SIGKILL)
-        process.wait(timeout=60)
-        output = finish(start_run(workdir))
-        assert "Resuming from the checkpoint at step" in output
-        assert losses(workdir) == expected_losses  # floats from JSON: exact equality
-        for expected, resumed in zip(expected_params, final_params(workdir, 24), strict=True):
-            np.testing.assert_array_equal(expected, resumed)
+    seed = random_seed()
+    # Up to step 21: the kill lands at least 3 steps before the end (18 to 23 all resume from 18).
+    kill_points = sorted(int(k) for k in np.random.default_rng(seed).choice(
+        np.arange(7, 22), size=3, replace=False))
+    workdir = tmp_path / "killed"
+    for run_number, kill_at in enumerate([*kill_points, None]):
+        process = start_run(workdir, compile_cache)
+        output = "".join(run_to_step(process, kill_at or 24))
+        if kill_at is None:
+            output += finish(process)
+        else:
+            if run_number == 0:
+                wait_for(workdir / "checkpoints" / "6")  # the first checkpoint is complete
+            output += kill(process)
+        where = f"run {run_number} of kill points {kill_points} (seed {seed}):\n{output[-3000:]}"
+        resumed = RESUMED.findall(output)
+        if run_number == 0:
+            assert not resumed and "Starting a new run" in output, where
+            start = 0
+        else:
+            assert len(resumed) == 1 and int(resumed[0]) < 24, where  # the kill interrupted training
+            start = int(resumed[0])
+        trained = [int(step) for step in PROGRESS.findall(output)]
+        end = 24 if kill_at is None else max(trained, default=start)
+        assert trained == list(range(start + 1, end + 1)), where
+    assert losses(workdir) == expected_losses, f"seed {seed}"  # floats from JSON: exact equality
+    for expected, got in zip(expected_params, final_params(workdir, 24), strict=True):
+        np.testing.assert_array_equal(expected, got, err_msg=f"seed {seed}")
 
 
-def test_sigterm_saves_the_current_step_and_exits_0(tmp_path):
-    process = start_run(tmp_path)
+def test_sigterm_saves_the_current_step_and_exits_0(tmp_path, compile_cache):
+    process = start_run(tmp_path, compile_cache)
     target = int(np.random.randint(2, 15))  # 10 steps (about a second) before the end
     lines = run_to_step(process, target)
     process.send_signal(signal.SIGTERM)
@@ -98,17 +137,20 @@ def test_sigterm_saves_the_current_step_and_exits_0(tmp_path):
     stopped = [line for line in output.splitlines() if line.startswith("Stopped by SIGTERM")]
     assert len(stopped) == 1, output[-2000:]
     step = int(stopped[0].split("after step ")[1].split(",")[0])
-    assert target <= step < 24
+    assert target <= step < 24, f"target {target}"
     assert "Evaluation" not in output
     assert os.path.isdir(tmp_path / "checkpoints" / str(step))
-    # The next launch resumes from exactly there.
-    assert f"Resuming from the checkpoint at step {step}" in finish(start_run(tmp_path))
+    # The next launch resumes from exactly there (its first step is enough to show it).
+    process = start_run(tmp_path, compile_cache)
+    output = "".join(run_to_step(process, step + 1)) + kill(process)
+    assert RESUMED.findall(output) == [str(step)], output[-2000:]
+    assert PROGRESS.findall(output)[:1] == [str(step + 1)], output[-2000:]
 
 
 def test_a_nan_batch_is_skipped_counted_and_leaves_params_unchanged(tiny_config):
     run, state = setup(tiny_config, data_shards=8)
     step = run.train_step
-    rng = np.random.default_rng()
+    rng = np.random.default_rng(random_seed())
     good = lambda: random_global_batch(run, rng)  # noqa: E731
     state, metrics = step(state, good())
     assert int(metrics["train/skipped_steps"]) == 0
