@@ -13,6 +13,7 @@ from PIL import Image
 import bigalign
 from bigalign import config as config_lib, evaluate, train
 from bigalign.errors import UserError
+from helpers import random_seed
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -98,7 +99,7 @@ def test_load_picks_a_step_and_preprocesses_pictures(trained):
     assert model.step == 10
     with pytest.raises(UserError, match=r"has no checkpoint of step 7; it has steps \[10, 20\]"):
         bigalign.load(str(workdir), step=7)
-    rng = np.random.default_rng()
+    rng = np.random.default_rng(random_seed())
     picture = Image.fromarray(rng.integers(0, 256, size=(40, 60, 3), dtype=np.uint8))
     pixels = model.preprocess(picture)
     assert pixels.shape == (16, 16, 3) and pixels.dtype == np.uint8

@@ -7,6 +7,7 @@ import pytest
 from PIL import Image
 
 from bigalign.data import images
+from helpers import random_seed
 
 
 def random_image(rng, height, width) -> np.ndarray:
@@ -20,7 +21,7 @@ def encode(array: np.ndarray, fmt: str = "PNG") -> bytes:
 
 
 def test_load_reads_arrays_bytes_and_paths_alike(tmp_path):
-    rng = np.random.default_rng()
+    rng = np.random.default_rng(random_seed())
     array = random_image(rng, *rng.integers(5, 40, size=2))
     path = tmp_path / "x.png"
     path.write_bytes(encode(array))
@@ -33,7 +34,7 @@ def test_load_reads_arrays_bytes_and_paths_alike(tmp_path):
 
 
 def test_unreadable_images_raise_image_error_saying_why(tmp_path):
-    rng = np.random.default_rng()
+    rng = np.random.default_rng(random_seed())
     png = encode(random_image(rng, 64, 64))
     cases = {
         "missing file": str(tmp_path / "nope.png"),
@@ -47,7 +48,7 @@ def test_unreadable_images_raise_image_error_saying_why(tmp_path):
 
 
 def test_large_jpegs_are_decoded_at_a_reduced_scale_but_not_below_min_side():
-    rng = np.random.default_rng()
+    rng = np.random.default_rng(random_seed())
     jpeg = encode(random_image(rng, 800, 600), "JPEG")
     small = images.load(jpeg, min_side=100)
     assert min(small.size) >= 100 and max(small.size) < 800
@@ -55,7 +56,7 @@ def test_large_jpegs_are_decoded_at_a_reduced_scale_but_not_below_min_side():
 
 
 def test_random_box_respects_scale_ratio_and_bounds():
-    rng = np.random.default_rng()
+    rng = np.random.default_rng(random_seed())
     scale, ratio = (0.3, 0.6), (0.5, 2.0)
     for _ in range(200):
         width, height = (int(v) for v in rng.integers(20, 400, size=2))
@@ -67,7 +68,7 @@ def test_random_box_respects_scale_ratio_and_bounds():
 
 
 def test_random_box_falls_back_to_the_clamped_centre_for_extreme_images():
-    rng = np.random.default_rng()
+    rng = np.random.default_rng(random_seed())
     box = images.random_box(1000, 10, rng, (0.9, 1.0), (3 / 4, 4 / 3))  # aspect 100
     left, top, right, bottom = box
     assert np.isclose((right - left) / (bottom - top), 4 / 3)
@@ -75,7 +76,7 @@ def test_random_box_falls_back_to_the_clamped_centre_for_extreme_images():
 
 
 def test_train_view_is_a_crop_of_the_image_and_flips_half_the_time():
-    rng = np.random.default_rng()
+    rng = np.random.default_rng(random_seed())
     # A horizontal ramp: every column is distinct, so a crop keeps left-to-right order unless flipped.
     ramp = np.broadcast_to(np.linspace(0, 255, 200).astype(np.uint8)[None, :, None], (150, 200, 3))
     flips = 0
@@ -98,7 +99,7 @@ def test_train_view_is_a_pure_function_of_the_rng():
 
 
 def test_eval_view_equals_resize_shorter_side_then_centre_crop():
-    rng = np.random.default_rng()
+    rng = np.random.default_rng(random_seed())
     height, width = 64, 128  # the centre square is exactly columns 32..95
     image = random_image(rng, height, width)
     view = images.eval_view(image, 32)

@@ -7,7 +7,7 @@ import pytest
 
 from bigalign import train
 from bigalign.errors import UserError
-from helpers import random_global_batch, setup
+from helpers import random_global_batch, random_seed, setup
 
 
 def test_frozen_tower_is_bit_identical_after_training_steps(tiny_config):
@@ -21,7 +21,7 @@ def test_frozen_tower_is_bit_identical_after_training_steps(tiny_config):
             "text", "logit_scale", "logit_bias"
         }
 
-    rng = np.random.default_rng()
+    rng = np.random.default_rng(random_seed())
     for _ in range(3):
         state, metrics = run.train_step(state, random_global_batch(run, rng))
     final = jax.device_get(state.params)

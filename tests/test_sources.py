@@ -11,7 +11,7 @@ from bigalign.data import array_record, held_out, images, pipeline, skipping, so
 from bigalign.data.csv_source import CsvSource
 from bigalign.data.tfds_source import TfdsSource
 from bigalign.errors import UserError
-from helpers import write_image_folder, write_sound_folder
+from helpers import random_seed, write_image_folder, write_sound_folder
 
 
 def csv_config(index: str, **overrides):
@@ -36,7 +36,7 @@ def test_bad_source_specs_list_the_valid_forms(spec):
 
 
 def test_csv_paths_are_relative_to_the_index(tmp_path):
-    rng = np.random.default_rng()
+    rng = np.random.default_rng(random_seed())
     index = write_image_folder(tmp_path / "data", 5, rng)
     source = CsvSource(index)
     assert len(source) == 5
@@ -69,7 +69,7 @@ def test_csv_errors_name_the_file_and_the_columns(tmp_path):
 
 
 def test_csv_train_batches_are_crops_of_the_listed_images(tmp_path, tokenizer):
-    rng = np.random.default_rng()
+    rng = np.random.default_rng(random_seed())
     index = write_image_folder(tmp_path, 24, rng)
     config = csv_config(index, crop_scale=(1.0, 1.0), crop_ratio=(1.0, 1.0), flip=False)
     dataset = pipeline.train_dataset(config, tokenizer, max_len=12, global_batch_size=8,
@@ -89,7 +89,7 @@ def test_csv_train_batches_are_crops_of_the_listed_images(tmp_path, tokenizer):
 
 
 def test_csv_eval_pairs_are_centre_crops(tmp_path, tokenizer):
-    rng = np.random.default_rng()
+    rng = np.random.default_rng(random_seed())
     index = write_image_folder(tmp_path, 20, rng)
     data = held_out.eval_data(csv_config(index), tokenizer, max_len=12)
     assert data.keys() == {"pairs"}  # no labels: no zero-shot
@@ -104,7 +104,7 @@ def test_csv_eval_pairs_are_centre_crops(tmp_path, tokenizer):
 
 
 def test_csv_sounds_give_log_mels_of_resampled_wav_windows(tmp_path, tokenizer):
-    rng = np.random.default_rng()
+    rng = np.random.default_rng(random_seed())
     index = write_sound_folder(tmp_path, 10, rng)
     config = csv_config(index, csv_image_column="", csv_audio_column="sound")
     assert sources.modalities(config, config.name) == ("text", "audio")
@@ -125,7 +125,7 @@ def test_csv_sounds_give_log_mels_of_resampled_wav_windows(tmp_path, tokenizer):
 
 @pytest.mark.parametrize("num_workers", [0, 1])
 def test_a_truncated_png_is_skipped_and_counted(tmp_path, tokenizer, num_workers):
-    rng = np.random.default_rng()
+    rng = np.random.default_rng(random_seed())
     bad = int(rng.integers(20))
     index = write_image_folder(tmp_path, 20, rng, truncated={bad})
     config = csv_config(index, max_skipped_fraction=0.1, num_workers=num_workers)
@@ -138,7 +138,7 @@ def test_a_truncated_png_is_skipped_and_counted(tmp_path, tokenizer, num_workers
 
 
 def test_too_many_bad_files_stop_with_one_line_naming_the_file(tmp_path, tokenizer):
-    rng = np.random.default_rng()
+    rng = np.random.default_rng(random_seed())
     bad = {int(i) for i in rng.choice(20, size=3, replace=False)}
     index = write_image_folder(tmp_path, 20, rng, truncated=bad)
     os.remove(tmp_path / "images" / f"{min(bad):04d}.png")  # one of them missing altogether
@@ -178,7 +178,7 @@ def test_skip_counter_allows_the_fraction_and_judges_only_after_enough_examples(
 
 
 def test_skip_counts_survive_a_resume(tmp_path, tokenizer):
-    rng = np.random.default_rng()
+    rng = np.random.default_rng(random_seed())
     index = write_image_folder(tmp_path, 16, rng, truncated={int(rng.integers(16))})
     config = csv_config(index, max_skipped_fraction=0.1)
     make = lambda: iter(pipeline.train_dataset(  # noqa: E731
@@ -246,13 +246,13 @@ def test_tfds_eval_has_pairs_and_zeroshot_classes(mock_cifar, tokenizer):
 
 
 def test_zeroshot_needs_a_labelled_source(tmp_path, tokenizer):
-    index = write_image_folder(tmp_path, 4, np.random.default_rng())
+    index = write_image_folder(tmp_path, 4, np.random.default_rng(random_seed()))
     with pytest.raises(UserError, match="zero-shot needs class labels"):
         held_out.eval_data(csv_config(index, zeroshot_name=f"csv:{index}"), tokenizer, max_len=8)
 
 
 def test_array_record_shards_give_the_csv_pairs(tmp_path, tokenizer):
-    rng = np.random.default_rng()
+    rng = np.random.default_rng(random_seed())
     index = write_image_folder(tmp_path, 10, rng)
     tally = array_record.Tally()
     array_record.write_shards(
@@ -270,7 +270,7 @@ def test_array_record_shards_give_the_csv_pairs(tmp_path, tokenizer):
 @pytest.fixture
 def inmemory_kind():
     """Registers "inmemory:N" (N random pairs) from the test alone, and unregisters it after."""
-    rng = np.random.default_rng()
+    rng = np.random.default_rng(random_seed())
     pixels = rng.integers(0, 256, (64, 20, 20, 3), dtype=np.uint8)
 
     def open_inmemory(data_config, argument, split, role, with_audio):
