@@ -58,7 +58,8 @@ def test_initialising_from_a_different_model_is_a_one_line_error(tiny_config, tm
     tiny_config.model.image.update(width=48, init_from=str(first))
     with pytest.raises(UserError, match=r"holds image/.* with shape .*this model has .*init_from"):
         train.train_and_evaluate(tiny_config, str(tmp_path / "second"))
-    tiny_config.model.image.init_from = str(tmp_path / "nowhere")
+    (tmp_path / "not_a_run").mkdir()  # (a path that does not exist fails validation first)
+    tiny_config.model.image.init_from = str(tmp_path / "not_a_run")
     with pytest.raises(UserError, match="is not a bigalign run"):
         train.train_and_evaluate(tiny_config, str(tmp_path / "third"))
 
