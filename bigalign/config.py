@@ -165,9 +165,11 @@ def validate(config: ml_collections.ConfigDict) -> None:
 
     Needs no devices: what depends on them is checked by `validate_on_mesh`.
     """
-    _check_keys({"imports": config.get("imports", ())}, {"imports": schema()["imports"]})
+    rules = schema()
+    # imports first: the modules it names may register what the other keys refer to.
+    _check_keys({"imports": config.get("imports", ())}, {"imports": rules["imports"]})
     import_extensions(config)
-    _check_keys(config, schema())
+    _check_keys(config, rules)
 
     def require(ok, message):
         if not ok:

@@ -26,13 +26,22 @@ from typing import Any
 import ml_collections
 
 
+def _is_integer(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value) -> bool:
+    """An int or a float (a bool is neither here, though Python counts it as an int)."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
 @dataclasses.dataclass(frozen=True)
 class Integer:
     low: int | None = None
     high: int | None = None
 
     def accepts(self, value) -> bool:
-        return (isinstance(value, int) and not isinstance(value, bool)
+        return (_is_integer(value)
                 and (self.low is None or value >= self.low)
                 and (self.high is None or value <= self.high))
 
@@ -48,7 +57,7 @@ class Number:
     below: float | None = None
 
     def accepts(self, value) -> bool:
-        return (isinstance(value, (int, float)) and not isinstance(value, bool)
+        return (_is_number(value)
                 and value == value  # not NaN
                 and (self.low is None or value >= self.low)
                 and (self.high is None or value <= self.high)
@@ -131,11 +140,11 @@ class Like:
     def accepts(self, value) -> bool:
         kind = type(self.default)
         if kind is float:
-            return isinstance(value, (int, float)) and not isinstance(value, bool)
+            return _is_number(value)
         if kind in (tuple, list):
             return isinstance(value, (tuple, list))
         if kind is int:
-            return isinstance(value, int) and not isinstance(value, bool)
+            return _is_integer(value)
         return isinstance(value, kind)
 
     def expects(self) -> str:
