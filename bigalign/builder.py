@@ -11,7 +11,6 @@ tokenizer -> model -> optimizer -> state layout -> compiled step exists once.
 """
 
 import dataclasses
-import os
 from collections.abc import Callable
 from typing import Any
 
@@ -23,7 +22,8 @@ import numpy as np
 import optax
 from jax.sharding import Mesh
 
-from bigalign import checkpoint, flops, sharding, step
+from bigalign import checkpoint, distributed, flops, sharding, step
+from bigalign import workdir as workdir_lib
 from bigalign import modalities as modalities_lib
 from bigalign import config as config_lib
 from bigalign.data import held_out, pipeline, tokenizer as tokenizer_lib
@@ -33,16 +33,18 @@ from bigalign.optimizer import make_optimizer
 
 def load_tokenizer(config, workdir: str | None) -> tokenizer_lib.Tokenizer | None:
     """`text.tokenizer`, else WORKDIR/tokenizer.model (trained on the data's captions on
-    first use); None without either (random inputs: config.text.vocab_size ids)."""
+    first use, by process 0 while the others wait); None without either (random
+    inputs: config.text.vocab_size ids)."""
     if config.text.tokenizer:
         return tokenizer_lib.Tokenizer.load(config.text.tokenizer)
     if workdir is None:
         return None
-    return tokenizer_lib.load_or_train(
-        os.path.join(workdir, "tokenizer.model"),
-        lambda: pipeline.tokenizer_corpus(config.data),
-        config.text.vocab_size,
-    )
+    model_path = workdir_lib.path(workdir) / "tokenizer.model"
+    if distributed.is_writer():
+        tokenizer_lib.load_or_train(model_path, lambda: pipeline.tokenizer_corpus(config.data),
+                                    config.text.vocab_size)
+    distributed.barrier("tokenizer")
+    return tokenizer_lib.Tokenizer.load(model_path)
 
 
 def step_flops(config, vocab_size: int) -> int:
@@ -100,12 +102,27 @@ class Run:
         return modalities_lib.random_batch(self.config, rng, vocab_size=self.vocab_size)
 
     def embedder(self, modality: str) -> Callable:
-        """fn(params, inputs [n, ...]) -> L2-normalised embeddings [n, E], compiled once."""
+        """fn(params, inputs [n, ...]) -> L2-normalised embeddings, numpy [n, E].
+
+        Data-parallel over the mesh: `inputs` (numpy, the same on every process) is split
+        over the batch axes, each process embedding its devices' rows, and the result is
+        gathered onto every process. Compiled once per input shape.
+        """
         if modality not in self._embedders:
-            model = self.model
-            self._embedders[modality] = jax.jit(
-                lambda params, x: model.apply({"params": params}, {modality: x})["embeddings"][modality]
+            model, mesh = self.model, self.mesh
+            embed = jax.jit(
+                lambda params, x: model.apply({"params": params}, {modality: x})["embeddings"][modality],
+                out_shardings=sharding.replicated(mesh),
             )
+
+            def embed_numpy(params, inputs):
+                inputs = np.asarray(inputs)
+                count = len(inputs)
+                padding = (-count) % sharding.batch_devices(mesh)  # an equal share per device
+                padded = np.concatenate([inputs, np.repeat(inputs[-1:], padding, axis=0)])
+                return np.asarray(embed(params, sharding.shard_rows(padded, mesh)))[:count]
+
+            self._embedders[modality] = embed_numpy
         return self._embedders[modality]
 
     def embedders(self, params) -> dict:
@@ -116,12 +133,14 @@ class Run:
     def prepare_context(self) -> modalities_lib.PrepareContext:
         return modalities_lib.PrepareContext(self.tokenizer, self.config.text.max_len, self.config.data)
 
-    def train_data(self):
-        """The endless, checkpointable stream of this process's training batches."""
+    def train_data(self, start_batch: int = 0):
+        """The endless, checkpointable stream of this process's training batches, from
+        global batch `start_batch` on."""
         config = self.config
         return pipeline.train_dataset(
             config.data, self.tokenizer, max_len=config.text.max_len,
             global_batch_size=config.batch_size, seed=config.seed, modalities=self.modalities,
+            start_batch=start_batch,
         )
 
     def eval_data(self) -> dict:
@@ -136,7 +155,7 @@ class Run:
             source = self.config.model[name].init_from
             if source:
                 params[name] = checkpoint.load_tower(source, name, like=params[name])
-                print(f"Initialised tower {name!r} from {source}", flush=True)
+                distributed.say(f"Initialised tower {name!r} from {source}")
         return state.replace(params=params)
 
     def describe(self, params) -> str:

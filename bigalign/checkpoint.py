@@ -5,14 +5,20 @@ while arrays are written) and atomic (written to a temporary directory, renamed
 when complete, so a crash mid-save leaves the previous checkpoint usable).
 The grain iterator state is saved beside the train state, so a resumed run sees
 exactly the examples an uninterrupted run would have seen.
-"""
 
-import os
+With several processes every one saves and restores (orbax's protocol: process 0
+makes the directories, each writes its shards, and each its own data position,
+`data/process_I-of-N.json`). A run resumed on another number of processes restores
+the state and starts the data at the checkpoint's step in the global order
+(`restore` says whether the saved position fitted).
+"""
 
 import grain
 import jax
 import orbax.checkpoint as ocp
+from etils import epath
 
+from bigalign import workdir as workdir_lib
 from bigalign.errors import UserError
 
 
@@ -24,7 +30,7 @@ class Checkpointer:
             max_to_keep=max_to_keep, enable_async_checkpointing=True, create=True
         )
         self._manager = ocp.CheckpointManager(
-            os.path.abspath(directory),
+            workdir_lib.path(directory),
             options=options,
             item_names=("state", "data"),
             item_handlers={
@@ -46,17 +52,21 @@ class Checkpointer:
             ),
         )
 
-    def restore(self, step: int, state_like, data_iterator):
-        """Returns the train state saved at `step`, laid out like `state_like`.
+    def restore(self, step: int, state_like, data_iterator) -> tuple:
+        """(the train state saved at `step`, laid out like `state_like`; whether the data
+        position was restored).
 
-        `data_iterator` is moved, in place, to where it was when the checkpoint
-        was written. Raises UserError if the checkpoint holds another model.
+        `data_iterator` is moved, in place, to where it was when the checkpoint was
+        written, if it was written by as many processes as this run has (else it is left
+        as it is). Raises UserError if the checkpoint holds another model.
         """
         abstract_state = jax.tree.map(ocp.utils.to_shape_dtype_struct, state_like)
         self._check_compatible(step, abstract_state)
         restored = self._manager.restore(
             step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state))
         )
+        if self.data_processes(step) != jax.process_count():
+            return restored.state, False
         try:
             self._manager.restore(
                 step, args=ocp.args.Composite(data=grain.checkpoint.CheckpointRestore(data_iterator))
@@ -68,7 +78,12 @@ class Checkpointer:
                 f"data settings (data.name, data.num_workers, batch_size) or another bigalign "
                 f"version: resume with those, or use a new --workdir"
             ) from None
-        return restored.state
+        return restored.state, True
+
+    def data_processes(self, step: int) -> int | None:
+        """How many processes saved the data position of checkpoint `step` (None: none)."""
+        names = [p.name for p in (self._manager.directory / str(step) / "data").glob("process_*-of-*.json")]
+        return int(names[0].rsplit("-of-", 1)[1].removesuffix(".json")) if names else None
 
     def _check_compatible(self, step: int, abstract_state) -> None:
         """Raises UserError naming the first array whose presence or shape differs."""
@@ -93,27 +108,28 @@ class Checkpointer:
         self._manager.close()
 
 
-def _state_directory(source: str, step: int | None = None) -> str:
+def _state_directory(source: str, step: int | None = None) -> epath.Path:
     """The saved train state of a run: WORKDIR, WORKDIR/checkpoints or a step directory;
     the latest step unless `step` is given."""
-    for candidate in (os.path.join(source, "checkpoints"), source):
-        steps = [int(d) for d in os.listdir(candidate) if d.isdigit()] if os.path.isdir(candidate) else []
+    root = workdir_lib.path(source)
+    for candidate in (root / "checkpoints", root):
+        steps = [int(d.name) for d in candidate.iterdir() if d.name.isdigit()] if candidate.is_dir() else []
         if steps and step is None:
-            return os.path.join(candidate, str(max(steps)), "state")
+            return candidate / str(max(steps)) / "state"
         if steps:
             if step not in steps:
                 raise UserError(f"{candidate} has no checkpoint of step {step}; it has steps "
                                 f"{sorted(steps)}")
-            return os.path.join(candidate, str(step), "state")
-    if os.path.isdir(os.path.join(source, "state")) and step is None:
-        return os.path.join(source, "state")
+            return candidate / str(step) / "state"
+    if (root / "state").is_dir() and step is None:
+        return root / "state"
     raise UserError(
         f"{source!r} is not a bigalign run: expected WORKDIR, WORKDIR/checkpoints "
         f"or WORKDIR/checkpoints/<step> holding a saved state"
     )
 
 
-def _restore_params(state_dir: str, params_like) -> dict:
+def _restore_params(state_dir: epath.Path, params_like) -> dict:
     """The parameter arrays of a saved state that `params_like` names (a partial restore:
     nothing else is read), laid out like it (arrays or ShapeDtypeStructs with shardings)."""
     target = {"params": jax.tree.map(ocp.utils.to_shape_dtype_struct, params_like)}
@@ -156,7 +172,7 @@ def load_tower(source: str, name: str, *, like):
 def load_params(workdir: str, params_like, step: int | None = None) -> tuple[dict, int]:
     """(parameters, step) of the latest (or the given) checkpoint of the run in `workdir`."""
     state_dir = _state_directory(workdir, step)
-    return _restore_params(state_dir, params_like), int(os.path.basename(os.path.dirname(state_dir)))
+    return _restore_params(state_dir, params_like), int(state_dir.parent.name)
 
 
 def _array_shapes(tree) -> dict[str, tuple]:

@@ -12,11 +12,10 @@ import difflib
 import importlib
 import json
 import math
-import os
 
 import ml_collections
 
-from bigalign import evaluate, objectives, schema as schema_lib
+from bigalign import evaluate, objectives, schema as schema_lib, workdir as workdir_lib
 from bigalign.data import pipeline, tokenizer
 from bigalign.errors import UserError
 from bigalign.models import encoders, towers, transformer
@@ -62,6 +61,9 @@ def schema() -> dict:
         # A step with a non-finite loss or gradient is skipped (no update); this many in a
         # row stop the run, leaving the last checkpoint as it was.
         max_consecutive_nonfinite=Key(10, Integer(low=1)),
+        # With several processes, whether any got a stop signal (SIGTERM, Ctrl-C) is agreed
+        # every this many steps (a host-blocking collective); one process checks every step.
+        stop_check_every=Key(10, Integer(low=1)),
         optimizer=dict(
             learning_rate=Key(1e-3, Number(above=0)),
             warmup_steps=Key(100, Integer(low=0)),
@@ -303,21 +305,17 @@ def _as_tuples(value):
 
 def save(config, workdir: str) -> None:
     """Writes WORKDIR/config.json atomically (`load_saved` reads it back)."""
-    path = os.path.join(workdir, SAVED_CONFIG)
-    with open(path + ".tmp", "w", encoding="utf-8") as f:
-        json.dump(config.to_dict(), f, indent=2, sort_keys=True)
-        f.write("\n")
-    os.replace(path + ".tmp", path)
+    text = json.dumps(config.to_dict(), indent=2, sort_keys=True) + "\n"
+    workdir_lib.write_atomically(workdir_lib.path(workdir) / SAVED_CONFIG, text)
 
 
 def load_saved(workdir: str) -> ml_collections.ConfigDict | None:
     """The config saved in `workdir` by `save`, or None if it has none."""
-    path = os.path.join(workdir, SAVED_CONFIG)
-    if not os.path.exists(path):
+    path = workdir_lib.path(workdir) / SAVED_CONFIG
+    if not path.exists():
         return None
     try:
-        with open(path, encoding="utf-8") as f:
-            return ml_collections.ConfigDict(_as_tuples(json.load(f)))
+        return ml_collections.ConfigDict(_as_tuples(json.loads(path.read_text(encoding="utf-8"))))
     except (OSError, json.JSONDecodeError) as error:
         raise UserError(f"cannot read the saved config {path}: {error}; restore or delete it") from None
 

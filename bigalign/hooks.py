@@ -21,7 +21,7 @@ from typing import Any
 
 import jax
 
-from bigalign import evaluate
+from bigalign import distributed, evaluate
 from bigalign.errors import UserError
 from bigalign.metrics import format_table
 
@@ -94,24 +94,32 @@ class NonFiniteGuard(Hook):
 
 
 class LogMetrics(Hook):
-    """Appends the step's metrics to metrics.jsonl and prints the progress line."""
+    """Appends the step's metrics to metrics.jsonl and prints the progress line (process 0),
+    with the unreadable examples all processes skipped since the last line."""
 
     def __init__(self, logger, every: int):
         self.logger, self.every = logger, every
 
     def __call__(self, loop):
-        self.logger.log_train(loop.step, {**jax.device_get(loop.metrics), "data/skipped": loop.unreadable})
+        skipped = distributed.total(loop.unreadable)
+        if self.logger.active:  # process 0: the others skip the wait for the values
+            self.logger.log_train(loop.step, {**jax.device_get(loop.metrics), "data/skipped": skipped})
         loop.unreadable = 0
 
 
 class StopOnSignal(Hook):
-    """Ends the loop after the step in which SIGTERM or SIGINT arrived (preemption.StopRequest)."""
+    """Ends the loop after the step in which SIGTERM or SIGINT arrived (preemption.StopRequest).
 
-    def __init__(self, stop_request):
+    With several processes, every `every` steps: all agree whether any got a signal
+    (a host-blocking collective, so not on every step), and all stop at that step.
+    """
+
+    def __init__(self, stop_request, every: int):
         self.stop_request = stop_request
+        self.every = every if jax.process_count() > 1 else 1
 
     def __call__(self, loop):
-        loop.stop = loop.stop or self.stop_request.requested()
+        loop.stop = loop.stop or distributed.total(int(self.stop_request.requested())) > 0
 
 
 class SaveCheckpoints(Hook):
@@ -161,15 +169,15 @@ class Evaluate(Hook):
     def __call__(self, loop):
         results = self.evaluate(loop)
         if results:
-            print(f"Evaluation at step {loop.step}:\n{format_table(results)}", flush=True)
+            distributed.say(f"Evaluation at step {loop.step}:\n{format_table(results)}")
 
     def end(self, loop):
         if loop.stop:
             return
         loop.results = self.evaluate(loop)
-        print(f"\nEvaluation: {describe_eval_data(self._data)}")
+        distributed.say(f"\nEvaluation: {describe_eval_data(self._data)}")
         if loop.results:
-            print(format_table(loop.results), flush=True)
+            distributed.say(format_table(loop.results))
 
 
 def describe_eval_data(eval_data: dict) -> str:

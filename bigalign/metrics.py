@@ -1,11 +1,15 @@
-"""Run logging: a progress line on stdout and one JSON object per line in WORKDIR/metrics.jsonl."""
+"""Run logging: a progress line on stdout and one JSON object per line in WORKDIR/metrics.jsonl.
+
+Only process 0 logs (`distributed.is_writer`); on the others the logger is inactive.
+"""
 
 import datetime
 import json
-import os
 import time
 
 import numpy as np
+
+from bigalign import distributed, workdir as workdir_lib
 
 
 def _step_of(line: str) -> int | None:
@@ -31,33 +35,42 @@ class MetricLogger:
     def __init__(self, workdir: str, *, total_steps: int, start_step: int = 0,
                  flops_per_step: float = 0.0, num_devices: int = 1,
                  peak_flops_per_device: float | None = None):
-        self.path = os.path.join(workdir, "metrics.jsonl")
+        self.path = workdir_lib.path(workdir) / "metrics.jsonl"
+        self.active = distributed.is_writer()
         self.total_steps = total_steps
         self.flops_per_device_step = flops_per_step / num_devices
         self.peak_flops_per_device = peak_flops_per_device
         self._last_time = time.perf_counter()
         self._last_step = start_step
-        self._drop_records_after(start_step)
+        # Object stores (gs://...) cannot append: there the file is rewritten whole.
+        self._remote = "://" in str(self.path)
+        self._lines = self._records_until(start_step) if self.active else []
 
-    def _drop_records_after(self, step: int) -> None:
-        """Removes lines of steps after `step`: a resumed run logs them again, as they were
-        lost with the run that wrote them after its last checkpoint."""
-        if not os.path.exists(self.path):
-            return
-        with open(self.path, encoding="utf-8") as f:
-            lines = f.readlines()
+    def _records_until(self, step: int) -> list[str]:
+        """The log's lines up to `step`, with any later ones removed from the file: a resumed
+        run logs those steps again, as they were lost with the run that wrote them after its
+        last checkpoint."""
+        if not self.path.exists():
+            return []
+        lines = self.path.read_text(encoding="utf-8").splitlines(keepends=True)
         kept = [line for line in lines if (line_step := _step_of(line)) is not None
                 and line_step <= step]
         if len(kept) < len(lines):
-            temporary = self.path + ".tmp"
-            with open(temporary, "w", encoding="utf-8") as f:
-                f.writelines(kept)
-            os.replace(temporary, self.path)  # atomic: never a half-written log
+            workdir_lib.write_atomically(self.path, "".join(kept))  # never a half-written log
+        return kept
 
     def write(self, step: int, metrics: dict) -> dict:
+        """Adds a line to metrics.jsonl (process 0) and returns the record."""
         record = {"step": int(step), **{k: _as_number(v) for k, v in metrics.items()}}
-        with open(self.path, "a", encoding="utf-8") as f:
-            f.write(json.dumps(record) + "\n")
+        if not self.active:
+            return record
+        line = json.dumps(record) + "\n"
+        if self._remote:
+            self._lines.append(line)
+            workdir_lib.write_atomically(self.path, "".join(self._lines))
+        else:
+            with self.path.open("a", encoding="utf-8") as f:
+                f.write(line)
         return record
 
     def log_train(self, step: int, metrics: dict) -> None:

@@ -1,18 +1,15 @@
 """Stopping on request: SIGTERM (preemption, `kill`, a scheduler) or SIGINT (Ctrl-C).
 
 The handler only records the signal; the training loop asks `requested()` after
-each step, finishes that step, writes a checkpoint and exits 0, so the next
-launch resumes where this one stopped. On several hosts a signal may reach some
-processes first: `requested()` is true on every process as soon as any of them
-got one, so all save the same step. A second Ctrl-C interrupts at once.
+each step (hooks.StopOnSignal), finishes that step, writes a checkpoint and exits 0,
+so the next launch resumes where this one stopped. On several hosts a signal may
+reach some processes first: the hook agrees on it across processes every
+`stop_check_every` steps, so all stop after, and save, the same step. A second
+Ctrl-C interrupts at once.
 """
 
 import signal
 import threading
-
-import jax
-import numpy as np
-from jax.experimental import multihost_utils
 
 SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
@@ -46,8 +43,5 @@ class StopRequest:
               f"(Ctrl-C again to stop at once)", flush=True)
 
     def requested(self) -> bool:
-        """Whether any process received a stop signal (a collective when there are several)."""
-        local = self.signal_name is not None
-        if jax.process_count() == 1:
-            return local
-        return bool(np.any(multihost_utils.process_allgather(np.array(local))))
+        """Whether this process received a stop signal."""
+        return self.signal_name is not None

@@ -105,6 +105,17 @@ def logical_rules(mesh: Mesh):
             yield
 
 
+def batch_devices(mesh: Mesh) -> int:
+    """How many devices the batch is split over (data x fsdp)."""
+    return math.prod(mesh.shape[axis] for axis in BATCH_AXES)
+
+
+def shard_rows(array: np.ndarray, mesh: Mesh) -> jax.Array:
+    """An array every process holds whole -> a global jax.Array split over data x fsdp,
+    each process placing only its own devices' rows."""
+    return jax.make_array_from_callback(array.shape, batch_sharding(mesh), lambda index: array[index])
+
+
 def global_batch(local_batch: dict, mesh: Mesh) -> dict:
     """This process's numpy batch -> global jax.Arrays split over data x fsdp."""
     sharding = batch_sharding(mesh)

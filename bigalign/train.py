@@ -2,6 +2,9 @@
 
 Command line:
     python -m bigalign.train --config configs/demo.py --workdir /tmp/run [--config.key=value ...]
+On several hosts, the same command on each (see distributed.py; on TPU VMs, SLURM and
+Open MPI the processes find each other without flags):
+    python -m bigalign.train ... --coordinator_address=HOST:PORT --num_processes=N --process_id=I
 Python (e.g. Colab):
     from bigalign import config as bconfig, train
     results = train.train_and_evaluate(bconfig.base_config(), "/tmp/run")
@@ -19,8 +22,8 @@ import traceback
 
 import jax
 
-from bigalign import checkpoint, flops, hooks as hooks_lib, preemption
-from bigalign import config as config_lib
+from bigalign import checkpoint, distributed, flops, hooks as hooks_lib, preemption
+from bigalign import config as config_lib, workdir as workdir_lib
 from bigalign.builder import build
 from bigalign.data.skipping import SKIPPED
 from bigalign.errors import UserError
@@ -48,24 +51,25 @@ def _start_or_resume(config, workdir: str, checkpointer) -> int:
     if saved is not None:
         changes = config_lib.check_resume(saved, config, workdir)
         if changes:
-            print(f"Config changed since the run started: {'; '.join(changes)}", flush=True)
-    if jax.process_index() == 0:
+            distributed.say(f"Config changed since the run started: {'; '.join(changes)}")
+    if distributed.is_writer():
         config_lib.save(config, workdir)
     return start_step
 
 
-def _make_workdir(workdir: str) -> None:
-    """Creates the workdir; a path that cannot be one is a UserError."""
-    if not workdir:
-        raise UserError("--workdir is empty; give the directory for the run's checkpoints")
-    if os.path.exists(workdir) and not os.path.isdir(workdir):
-        raise UserError(f"--workdir {workdir!r} is a file, not a directory; give a directory "
-                        f"(a new one starts a run, an existing run's resumes it)")
-    try:
-        os.makedirs(workdir, exist_ok=True)
-    except OSError as error:
-        raise UserError(f"cannot create --workdir {workdir!r}: {error.strerror}; give a "
-                        f"directory you can write") from None
+def _restore(run, checkpointer, step: int, state, train_data):
+    """(state, data iterator) of checkpoint `step`; when its data position was saved by
+    another number of processes, a new iterator from that step's batch of the global order."""
+    state, data_restored = checkpointer.restore(step, state, train_data)
+    if not data_restored:
+        saved_by = checkpointer.data_processes(step)
+        train_data.close()
+        train_data = iter(run.train_data(start_batch=step))
+        distributed.say(
+            f"The data position of this checkpoint was saved by {saved_by or 'no'} processes, "
+            f"this run has {jax.process_count()}: the data restarts at step {step}'s batch of "
+            f"the global order (the same examples unless some were skipped as unreadable)")
+    return state, train_data
 
 
 def train_and_evaluate(config, workdir: str, *, hooks=()) -> dict:
@@ -75,10 +79,10 @@ def train_and_evaluate(config, workdir: str, *, hooks=()) -> dict:
     evaluation metrics {"eval/...": float}, or {} when a SIGTERM or SIGINT stopped
     training (after checkpointing the step it was on).
     """
-    _make_workdir(workdir)
+    workdir_lib.make(workdir)
     run = build(config, workdir)  # validates the config first
     checkpointer = checkpoint.Checkpointer(
-        os.path.join(workdir, "checkpoints"), max_to_keep=config.keep_checkpoints
+        workdir_lib.path(workdir) / "checkpoints", max_to_keep=config.keep_checkpoints
     )
     train_data = None
     try:
@@ -86,13 +90,13 @@ def train_and_evaluate(config, workdir: str, *, hooks=()) -> dict:
         state = run.init_state()
         train_data = iter(run.train_data())
         if start_step:
-            state = checkpointer.restore(start_step, state, train_data)
+            state, train_data = _restore(run, checkpointer, start_step, state, train_data)
             done = " (training is complete: evaluating only)" if start_step >= config.total_steps else ""
-            print(f"Resuming from the checkpoint at step {start_step} in {workdir}{done}", flush=True)
+            distributed.say(f"Resuming from the checkpoint at step {start_step} in {workdir}{done}")
         else:
-            print(f"Starting a new run in {workdir}", flush=True)
+            distributed.say(f"Starting a new run in {workdir}")
             state = run.load_initial_towers(state)
-        print(run.describe(state.params), flush=True)
+        distributed.say(run.describe(state.params))
         logger = MetricLogger(
             workdir, total_steps=config.total_steps, start_step=start_step,
             flops_per_step=run.flops_per_step, num_devices=run.mesh.size,
@@ -103,7 +107,7 @@ def train_and_evaluate(config, workdir: str, *, hooks=()) -> dict:
             run_loop(loop, [
                 hooks_lib.NonFiniteGuard(config.max_consecutive_nonfinite, checkpointer),
                 hooks_lib.LogMetrics(logger, every=config.log_every),
-                hooks_lib.StopOnSignal(stop),
+                hooks_lib.StopOnSignal(stop, every=config.stop_check_every),
                 hooks_lib.SaveCheckpoints(checkpointer, every=config.checkpoint_every),
                 hooks_lib.Evaluate(logger, every=config.eval.every),
                 *hooks,
@@ -114,13 +118,17 @@ def train_and_evaluate(config, workdir: str, *, hooks=()) -> dict:
             train_data.close()
     if loop.stop:
         reason = stop.signal_name or "a stop request (a signal to another process, or a hook)"
-        print(f"Stopped by {reason} after step {loop.step}, with a checkpoint of it in {workdir}; "
-              f"run the same command again to resume", flush=True)
+        distributed.say(f"Stopped by {reason} after step {loop.step}, with a checkpoint of it in "
+                        f"{workdir}; run the same command again to resume")
     return loop.results
 
 
 def main(argv, flag_values=None):
-    """Trains what the parsed flags say; a UserError ends the process with one line."""
+    """Trains what the parsed flags say; a UserError ends the process with one line.
+
+    With several processes, any error ends this process at once (distributed.end_job),
+    and with it the job: never a hang in a collective.
+    """
     from absl import flags, logging
 
     del argv
@@ -129,22 +137,44 @@ def main(argv, flag_values=None):
     if flag_values.config is None:
         sys.exit("bigalign: --config is required, e.g. --config configs/demo.py")
     try:
+        config_lib.validate(flag_values.config)  # before waiting for other processes
+        distributed.initialize(
+            flag_values.coordinator_address, flag_values.num_processes, flag_values.process_id,
+            heartbeat_timeout_seconds=flag_values.heartbeat_timeout_seconds,
+        )
         train_and_evaluate(flag_values.config, flag_values.workdir)
-    except UserError as error:
-        sys.exit(f"bigalign: error: {error}")
+    except BaseException as error:  # noqa: BLE001  (re-raised below with one process)
+        if jax.distributed.is_initialized() and not isinstance(error, SystemExit):
+            distributed.end_job(error)
+        if isinstance(error, UserError):
+            sys.exit(f"bigalign: error: {error}")
+        raise
 
 
 def define_flags(flag_values=None):
-    """--config (a config file, with --config.key=value overrides) and --workdir."""
+    """--config (a config file, with --config.key=value overrides), --workdir, and how this
+    process joins the others of a multi-host job."""
     from absl import flags
     from ml_collections import config_flags
 
     flag_values = flags.FLAGS if flag_values is None else flag_values
     config_flags.DEFINE_config_file("config", None, "Config file (configs/*.py).",
                                     flag_values=flag_values, lock_config=True)
-    flags.DEFINE_string("workdir", None, "Directory for checkpoints, tokenizer and metrics.jsonl.",
+    flags.DEFINE_string("workdir", None, "Directory for checkpoints, tokenizer and metrics.jsonl "
+                        "(local, or gs://... : every host must see the same one).",
                         flag_values=flag_values)
     flags.mark_flags_as_required(["workdir"], flag_values=flag_values)
+    flags.DEFINE_string("coordinator_address", None, "HOST:PORT of process 0, the same on every "
+                        "process (default: $JAX_COORDINATOR_ADDRESS, else detected on TPU VMs, "
+                        "SLURM and Open MPI; none: one process).", flag_values=flag_values)
+    flags.DEFINE_integer("num_processes", None, "Processes in the job "
+                         "(default: $JAX_NUM_PROCESSES, else detected).", flag_values=flag_values)
+    flags.DEFINE_integer("process_id", None, "This process's index in [0, num_processes) "
+                         "(default: $JAX_PROCESS_ID, else detected).", flag_values=flag_values)
+    flags.DEFINE_integer("heartbeat_timeout_seconds", distributed.DEFAULT_HEARTBEAT_TIMEOUT_SECONDS,
+                         "A process silent this long (killed, hung, lost host) ends the whole "
+                         "job, every process exiting non-zero.", flag_values=flag_values,
+                         lower_bound=1)
 
 
 def parse_flags(argv, flag_values=None):

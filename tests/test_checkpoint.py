@@ -51,7 +51,8 @@ def test_save_restore_round_trips_state_and_data_position(tiny_config, tmp_path)
     _, fresh_state, fresh_data, _ = build(tiny_config, tmp_path, init_seed=2)  # other parameters, fresh data iterator
     restorer = Checkpointer(str(tmp_path / "ckpt"))
     assert restorer.latest_step() == 3
-    restored = restorer.restore(3, fresh_state, fresh_data)
+    restored, data_restored = restorer.restore(3, fresh_state, fresh_data)
+    assert data_restored
     assert int(restored.step) == 3
     saved_leaves, restored_leaves = jax.tree.leaves(state), jax.tree.leaves(restored)
     assert len(saved_leaves) == len(restored_leaves)
@@ -152,7 +153,8 @@ def test_a_save_cut_off_midway_leaves_the_previous_checkpoint_in_use(tmp_path):
     restorer = Checkpointer(str(directory))
     assert restorer.latest_step() == 3, f"seed {seed}"
     expected, data = small_state(seed), data_stream()
-    restored = restorer.restore(3, jax.tree.map(jnp.zeros_like, expected), data)
+    restored, data_restored = restorer.restore(3, jax.tree.map(jnp.zeros_like, expected), data)
+    assert data_restored
     for saved, loaded in zip(jax.tree.leaves(expected), jax.tree.leaves(restored), strict=True):
         np.testing.assert_array_equal(np.asarray(saved), np.asarray(loaded), err_msg=f"seed {seed}")
     assert next(data) == seed % 50, f"seed {seed}"

@@ -140,28 +140,58 @@ def test_epochs_are_permutations_in_different_orders(tokenizer):
 
 
 @pytest.mark.parametrize("source", ["shapes", "csv"])
-def test_each_process_loads_its_share_of_the_global_batch_augmented_alike(
+def test_each_process_loads_its_block_of_the_global_batch_augmented_alike(
         source, tokenizer, tmp_path):
-    """Process p of P gets examples p, p + P, ... of the one-process batch, each with the
-    same crop, flip, jitter and caption: randomness keys on the global example index."""
+    """Process p of P gets rows p*b ... (p+1)*b - 1 of the one-process batch (b = B / P),
+    each with the same crop, flip, jitter and caption: randomness keys on the global
+    example index, so the global batch is the same for any number of processes. A stream
+    started at batch k (resuming on another number of processes) continues the same order."""
     rng = np.random.default_rng(random_seed())
     config = small_config(augment=True)
     if source == "csv":
         config.update(name=f"csv:{write_image_folder(tmp_path, 40, rng)}",
                       crop_scale=(0.3, 1.0), flip=True)
-    make = lambda process: iter(pipeline.train_dataset(  # noqa: E731
-        config, tokenizer, max_len=12, global_batch_size=12, seed=5, process=process))
-    whole = take(make(None), 3)  # this one process loads all 12
-    for count in (2, 3):
+    make = lambda process, start=0: iter(pipeline.train_dataset(  # noqa: E731
+        config, tokenizer, max_len=12, global_batch_size=12, seed=5, process=process,
+        start_batch=start))
+    whole = take(make(None), 4)  # this one process loads all 12
+    for count in (2, 3, 4):
+        share = 12 // count
         for index in range(count):
-            share = take(make((index, count)), 3)
-            for step, (got, expected) in enumerate(zip(share, whole)):
+            start = int(rng.integers(2))
+            loaded = take(make((index, count), start), 4 - start)
+            for step, (got, expected) in enumerate(zip(loaded, whole[start:]), start=start):
                 for key in ("image", "text"):
-                    np.testing.assert_array_equal(got[key], expected[key][index::count],
-                                                  err_msg=f"{key}, step {step}, seed {config.seed}")
+                    np.testing.assert_array_equal(
+                        got[key], expected[key][index * share:(index + 1) * share],
+                        err_msg=f"{key}, process {index} of {count}, step {step}, seed {config.seed}")
     with pytest.raises(UserError, match="batch_size=12 must be a positive multiple of the 5"):
         pipeline.train_dataset(config, tokenizer, max_len=12, global_batch_size=12, seed=5,
                                process=(0, 5))
+
+
+def test_processes_augment_their_examples_independently(tokenizer, tmp_path):
+    """One picture repeated: the j-th example of every process must not get the same crop
+    and flip (as it did when each process seeded its examples by their local index). Rows
+    at the same place in two processes' batches are as often identical as any two rows."""
+    rng = np.random.default_rng(random_seed())
+    index = write_image_folder(tmp_path, 1, rng)
+    lines = (tmp_path / "index.csv").read_text().splitlines()
+    (tmp_path / "index.csv").write_text("\n".join([lines[0]] + [lines[1]] * 64) + "\n")
+    config = small_config(name=f"csv:{index}", augment=True, crop_scale=(0.3, 1.0), flip=True)
+    seed = int(rng.integers(2**31))
+    streams = [iter(pipeline.train_dataset(config, tokenizer, max_len=12, global_batch_size=32,
+                                           seed=seed, process=(p, 2))) for p in range(2)]
+    same_place = any_rows = pairs = 0
+    for _ in range(4):
+        first, second = (next(stream)["image"].reshape(16, -1) for stream in streams)
+        equal = (first[:, None] == second[None]).all(-1)  # [16, 16]: row i of 0 vs row j of 1
+        same_place += int(np.trace(equal))
+        any_rows += int(equal.sum() - np.trace(equal))
+        pairs += 16
+    chance = any_rows / (15 * pairs)  # the rate at which two unrelated rows are identical
+    print(f"identical at the same place: {same_place}/{pairs}, elsewhere {chance:.4f}, seed {seed}")
+    assert same_place <= max(3, 5 * chance * pairs)
 
 
 def test_unknown_dataset_name_lists_valid_ones(tokenizer):

@@ -3,7 +3,7 @@
 Training (per JAX process):
     source -> shuffle -> repeat (each epoch reshuffled)
     -> per example: decode, augment, pick a caption (seeded by its global position)
-    -> this process's shard
+    -> this process's block of each global batch (ProcessShare)
     -> drop unreadable examples (counted, bounded: skipping.py) -> batch
     -> tokenize / normalise / log-mel (per batch, vectorised) -> prefetch (thread or processes)
 Every step is a pure function of (seed, position), so the iterator's state is a
@@ -267,6 +267,37 @@ def per_process_batch_size(global_batch_size: int, process_count: int) -> int:
     return global_batch_size // process_count
 
 
+class ProcessShare(grain.MapDataset):
+    """Process `index` of `count`'s examples of each global batch, from `start_batch` on.
+
+    Global batch k holds positions k*B ... k*B + B-1 of the shared order; each process
+    takes its contiguous block of b = B / count of them, so the batch assembled over the
+    mesh (process 0's devices first) is the one-process batch, rows in the same order,
+    however many processes load it.
+    """
+
+    def __init__(self, parent: grain.MapDataset, *, index: int, count: int,
+                 global_batch_size: int, start_batch: int = 0):
+        super().__init__(parent)
+        self._global_batch_size = global_batch_size
+        self._share = per_process_batch_size(global_batch_size, count)
+        self._offset = start_batch * global_batch_size + index * self._share
+
+    def __len__(self) -> int:
+        return len(self._parent)  # a repeated source: endless
+
+    def global_position(self, local: int) -> int:
+        """The position in the shared order of this process's `local`-th example."""
+        batch, row = divmod(local, self._share)
+        return self._offset + batch * self._global_batch_size + row
+
+    def __getitem__(self, local: int):
+        return self._parent[self.global_position(local)]
+
+    def __str__(self) -> str:
+        return f"ProcessShare(b={self._share}, offset={self._offset})"
+
+
 def train_dataset(
     data_config,
     tokenizer: Tokenizer,
@@ -276,12 +307,15 @@ def train_dataset(
     seed: int,
     modalities=("image", "text"),
     process: tuple[int, int] | None = None,
+    start_batch: int = 0,
 ) -> grain.IterDataset:
     """The endless training stream of this process's batches (see the module docstring).
 
     Yields dicts with the keys `modalities` (any of MODALITIES), each with a leading
     batch dimension b = global_batch_size // process count, and "skipped". `process`:
     (index, count) of the loading process; None: this JAX process of jax.process_count().
+    `start_batch`: the global batch the stream starts at (resuming where a checkpoint's
+    data position was saved by another number of processes).
     """
     index, count = process or (jax.process_index(), jax.process_count())
     modalities = check_modalities(data_config, data_config.name, modalities)
@@ -299,9 +333,9 @@ def train_dataset(
             examples = examples.random_map(jitter_photometric)
         if "audio" in modalities:
             examples = examples.random_map(jitter_gain)
-    # Process p takes examples p, p + P, p + 2P, ... of the shared global order (lazily:
-    # only its own are read and augmented).
-    examples = examples[index::count]
+    # Lazily: each process reads and augments only its own share.
+    examples = ProcessShare(examples, index=index, count=count,
+                            global_batch_size=global_batch_size, start_batch=start_batch)
     # The stream is rendered on one thread per process: threads would contend for the GIL.
     batches = examples.to_iter_dataset(grain.ReadOptions(num_threads=0, prefetch_buffer_size=0))
     batches = SkipUnreadable(batches, data_config.max_skipped_fraction)

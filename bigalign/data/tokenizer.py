@@ -10,13 +10,12 @@ pickles as its serialized model, so grain worker processes can rebuild it.
 """
 
 import io
-import os
-import tempfile
 from collections.abc import Callable, Iterable, Sequence
 
 import numpy as np
 import sentencepiece as spm
 
+from bigalign import workdir as workdir_lib
 from bigalign.errors import UserError
 
 PAD_ID, UNK_ID, EOS_ID = 0, 1, 2
@@ -44,10 +43,10 @@ class Tokenizer:
     @classmethod
     def load(cls, model_path: str) -> "Tokenizer":
         """Reads a .model file written by `train_tokenizer` (or any model with pad_id=0 and EOS)."""
-        if not os.path.isfile(model_path):
-            raise UserError(f"tokenizer model {model_path!r} does not exist; {HOW_TO_CREATE}")
-        with open(model_path, "rb") as f:
-            return cls(f.read())
+        path = workdir_lib.path(model_path)
+        if not path.is_file():
+            raise UserError(f"tokenizer model {str(model_path)!r} does not exist; {HOW_TO_CREATE}")
+        return cls(path.read_bytes())
 
     @property
     def vocab_size(self) -> int:
@@ -130,29 +129,16 @@ def train_tokenizer(texts: Iterable[str], model_path: str, vocab_size: int) -> T
         message = str(error).strip().splitlines()[-1]
         raise UserError(f"training the tokenizer {model_path!r} failed: {message}") from None
     tokenizer = Tokenizer(model.getvalue())
-    _write_atomically(model_path, tokenizer.model_proto)
+    path = workdir_lib.path(model_path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    workdir_lib.write_atomically(path, tokenizer.model_proto)  # readers see all of it or none
     return tokenizer
-
-
-def _write_atomically(path: str, data: bytes) -> None:
-    """Writes `data` to `path` so that readers see either no file or the whole file."""
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    # A unique temporary name: several processes (hosts) may write the same model at once.
-    with tempfile.NamedTemporaryFile(
-        dir=directory, prefix=os.path.basename(path) + ".tmp.", delete=False
-    ) as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.chmod(f.name, 0o644)  # temporary files are private; the model is not
-    os.replace(f.name, path)
 
 
 def load_or_train(
     model_path: str, texts_fn: Callable[[], Iterable[str]], vocab_size: int
 ) -> Tokenizer:
     """Loads `model_path` if it exists, else trains it on `texts_fn()` and writes it there."""
-    if os.path.isfile(model_path):
+    if workdir_lib.path(model_path).is_file():
         return Tokenizer.load(model_path)
     return train_tokenizer(texts_fn(), model_path, vocab_size)
