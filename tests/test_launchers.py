@@ -214,10 +214,19 @@ def test_tpu_runs_the_commands_in_order_and_deletes_the_vm(fake_bin, tmp_path, f
                               "--workdir", "gs://bucket/runs/demo", *EXTRA]
 
 
+def as_from_a_terminal() -> None:
+    """SIGINT handled by default and not blocked, as in a shell started from a terminal: a
+    test runner may pass on an ignored or blocked SIGINT (a background job, a library
+    thread), which the launcher's bash and the fakes would inherit."""
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def test_tpu_ctrl_c_deletes_the_vm(fake_bin):
     """SIGINT to the launcher's process group (Ctrl-C) while it trains: the VM is deleted."""
     env = environment(fake_bin, SLEEP_ON="bigalign.train")
     launcher = subprocess.Popen(["bash", TPU, *TPU_ARGS], env=env, cwd=REPO, start_new_session=True,
+                                preexec_fn=as_from_a_terminal,
                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         deadline = time.monotonic() + 30
