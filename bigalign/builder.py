@@ -40,11 +40,12 @@ def load_tokenizer(config, workdir: str | None) -> tokenizer_lib.Tokenizer | Non
     if workdir is None:
         return None
     model_path = workdir_lib.path(workdir) / "tokenizer.model"
+    tokenizer = None
     if distributed.is_writer():
-        tokenizer_lib.load_or_train(model_path, lambda: pipeline.tokenizer_corpus(config.data),
-                                    config.text.vocab_size)
+        tokenizer = tokenizer_lib.load_or_train(
+            model_path, lambda: pipeline.tokenizer_corpus(config.data), config.text.vocab_size)
     distributed.barrier("tokenizer")
-    return tokenizer_lib.Tokenizer.load(model_path)
+    return tokenizer if tokenizer is not None else tokenizer_lib.Tokenizer.load(model_path)
 
 
 def step_flops(config, vocab_size: int) -> int:
@@ -117,10 +118,8 @@ class Run:
 
             def embed_numpy(params, inputs):
                 inputs = np.asarray(inputs)
-                count = len(inputs)
-                padding = (-count) % sharding.batch_devices(mesh)  # an equal share per device
-                padded = np.concatenate([inputs, np.repeat(inputs[-1:], padding, axis=0)])
-                return np.asarray(embed(params, sharding.shard_rows(padded, mesh)))[:count]
+                padded = sharding.pad_rows(inputs, sharding.batch_devices(mesh))
+                return np.asarray(embed(params, sharding.shard_rows(padded, mesh)))[: len(inputs)]
 
             self._embedders[modality] = embed_numpy
         return self._embedders[modality]

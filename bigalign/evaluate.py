@@ -17,19 +17,18 @@ import itertools
 
 import numpy as np
 
+from bigalign import sharding
 from bigalign.registry import Registry
 
 
 def embed(embed_batch, inputs: np.ndarray, batch_size: int) -> np.ndarray:
     """Embeds `inputs` [N, ...] with `embed_batch` in fixed-size batches: [N, embed_dim]."""
-    count = len(inputs)
-    padding = (-count) % batch_size  # pad so every batch has one shape (one compile)
-    padded = np.concatenate([inputs, np.repeat(inputs[-1:], padding, axis=0)])
+    padded = sharding.pad_rows(inputs, batch_size)  # every batch one shape: one compile
     chunks = [
         np.asarray(embed_batch(padded[i : i + batch_size]))
         for i in range(0, len(padded), batch_size)
     ]
-    return np.concatenate(chunks)[:count]
+    return np.concatenate(chunks)[: len(inputs)]
 
 
 def _normalise(x: np.ndarray) -> np.ndarray:

@@ -44,7 +44,8 @@ class MetricLogger:
         self._last_step = start_step
         # Object stores (gs://...) cannot append: there the file is rewritten whole.
         self._remote = "://" in str(self.path)
-        self._lines = self._records_until(start_step) if self.active else []
+        kept = self._records_until(start_step) if self.active else []
+        self._lines = kept if self._remote else None  # the whole file, where it is rewritten
 
     def _records_until(self, step: int) -> list[str]:
         """The log's lines up to `step`, with any later ones removed from the file: a resumed

@@ -110,6 +110,13 @@ def batch_devices(mesh: Mesh) -> int:
     return math.prod(mesh.shape[axis] for axis in BATCH_AXES)
 
 
+def pad_rows(array: np.ndarray, multiple: int) -> np.ndarray:
+    """`array` [n, ...] with its last row repeated up to a multiple of `multiple` rows (so
+    batches keep one shape, or every device gets an equal share)."""
+    padding = (-len(array)) % multiple
+    return np.concatenate([array, np.repeat(array[-1:], padding, axis=0)])
+
+
 def shard_rows(array: np.ndarray, mesh: Mesh) -> jax.Array:
     """An array every process holds whole -> a global jax.Array split over data x fsdp,
     each process placing only its own devices' rows."""

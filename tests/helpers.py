@@ -6,6 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 
 import bigalign
+from bigalign import sharding
 
 
 def setup(config, data_shards: int, fsdp: int = 1, *, state_cache: dict | None = None):
@@ -127,7 +128,7 @@ def recomputed_metrics(workdir) -> dict:
     data, size = model.run.eval_data(), model.config.eval.batch_size
 
     def embed(modality, inputs):  # in the evaluation's batch shape, so ties rank alike
-        padded = np.concatenate([inputs, np.repeat(inputs[-1:], -len(inputs) % size, axis=0)])
+        padded = sharding.pad_rows(inputs, size)
         fn = model.run.embedder(modality)
         chunks = [np.asarray(fn(model.params, padded[i:i + size])) for i in range(0, len(padded), size)]
         return np.concatenate(chunks)[: len(inputs)]
