@@ -28,7 +28,9 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(
 import demo  # noqa: E402  (configs/demo.py)
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-HEARTBEAT_SECONDS = 5
+# Long enough that two processes compiling on a loaded 2-core machine keep their
+# heartbeats (5 s was missed there once), short enough to keep the kill tests quick.
+HEARTBEAT_SECONDS = 15
 # The demo config, short: 24 steps with a progress line each, a stop check every 4 steps
 # and an evaluation at step 8 on 200 held-out pairs.
 OVERRIDES = {"total_steps": 24, "log_every": 1, "checkpoint_every": 100, "stop_check_every": 4,
@@ -61,14 +63,20 @@ def launch(workdir, flags: list[str], *, compile_cache, processes: int = 2) -> l
     ]
 
 
-def wait_for_step(process: subprocess.Popen, step: int) -> str:
-    """Reads `process`'s output until its progress line for `step`; returns what it read."""
+def wait_for_step(processes: list[subprocess.Popen], step: int) -> str:
+    """Reads process 0's output until its progress line for `step`; returns what it read.
+    If the run ends before, fails with the last output of every process."""
     lines = []
-    for line in process.stdout:
+    for line in processes[0].stdout:
         lines.append(line)
         if (progress := PROGRESS.match(line)) and int(progress[1]) >= step:
             return "".join(lines)
-    raise AssertionError(f"the run ended before step {step}:\n{''.join(lines)[-3000:]}")
+    for process in processes[1:]:
+        process.kill()
+    others = "".join(f"\n--- process {i}:\n{p.communicate()[0][-3000:]}"
+                     for i, p in enumerate(processes[1:], start=1))
+    raise AssertionError(f"the run ended before step {step}:\n--- process 0:\n"
+                         f"{''.join(lines)[-3000:]}{others}")
 
 
 def records(workdir) -> list[dict]:
@@ -118,7 +126,7 @@ def test_two_processes_train_like_one_stop_together_and_resume_on_one(tmp_path, 
     workdir = tmp_path / "two_processes"
     processes = launch(workdir, as_flags(OVERRIDES), compile_cache=compile_cache)
     signalled = int(np.random.randint(2))  # a stop signal reaching one host only
-    head = wait_for_step(processes[0], 10)
+    head = wait_for_step(processes, 10)
     processes[signalled].send_signal(signal.SIGTERM)
     outputs = [p.communicate(timeout=300)[0] for p in processes]
     outputs[0] = head + outputs[0]
@@ -164,7 +172,7 @@ def test_killing_one_process_ends_the_other_within_the_heartbeat_timeout(tmp_pat
     processes = launch(tmp_path / "run", as_flags({**OVERRIDES, "total_steps": 1000}),
                        compile_cache=compile_cache)
     survivor = processes[1 - victim]
-    wait_for_step(processes[0], 3)
+    wait_for_step(processes, 3)
     processes[victim].send_signal(signal.SIGKILL)
     killed_at = time.monotonic()
     output = survivor.communicate(timeout=HEARTBEAT_SECONDS + 120)[0]
