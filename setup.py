@@ -21,6 +21,7 @@ setup(
         "grain>=0.2.12",  # grain.MapDataset / grain.checkpoint at top level
         "numpy>=1.26",
         "pillow>=10.0",
+        "tensorboardX>=2.6",  # TensorBoard event files without TensorFlow
     ],
     extras_require={
         "test": [

@@ -15,7 +15,7 @@ the ones the evaluation used.
 import jax
 import numpy as np
 
-from bigalign import checkpoint, config as config_lib, evaluate, modalities
+from bigalign import checkpoint, config as config_lib, evaluators, modalities
 from bigalign.builder import Run, build
 from bigalign.errors import UserError
 
@@ -53,8 +53,8 @@ class Model:
         kind = modalities.get(modality)
         context = self.run.prepare_context()
         inputs = kind.prepare(kind.from_user(values, context), context)
-        return evaluate.embed(self.run.embedders(self.params)[modality], inputs,
-                              self.config.eval.batch_size)
+        return evaluators.embed_in_batches(self.run.embedders(self.params)[modality], inputs,
+                                           self.config.eval.batch_size)
 
     def embed_image(self, images) -> np.ndarray:
         """uint8 pixels [N, H, W, 3] (or floats already in [-1, 1]) at the model's image size."""
@@ -79,12 +79,16 @@ class Model:
         return np.asarray(first) @ np.asarray(second).T
 
 
-def load(workdir: str, step: int | None = None) -> Model:
-    """The model trained in `workdir`, at its latest checkpoint or at `step`."""
-    config = config_lib.load_saved(workdir)
-    if config is None:
+def load(workdir: str, step: int | None = None, *, config=None) -> Model:
+    """The model trained in `workdir`, at its latest checkpoint or at `step`; with `config`,
+    built from that instead of the saved one (which it may change only in keys that do
+    not define the run, such as `evals`)."""
+    saved = config_lib.load_saved(workdir)
+    if saved is None:
         raise UserError(f"{workdir} holds no {config_lib.SAVED_CONFIG}: not a bigalign run, or "
                         f"one started before runs saved their config; train into it first")
-    run = build(config, workdir)
+    if config is not None:
+        config_lib.check_resume(saved, config, workdir)
+    run = build(config if config is not None else saved, workdir)
     params, step = checkpoint.load_params(workdir, run.abstract_state().params, step)
     return Model(run, params, step)

@@ -26,7 +26,7 @@ from bigalign import checkpoint, distributed, flops, sharding, step
 from bigalign import workdir as workdir_lib
 from bigalign import modalities as modalities_lib
 from bigalign import config as config_lib
-from bigalign.data import held_out, pipeline, tokenizer as tokenizer_lib
+from bigalign.data import pipeline, tokenizer as tokenizer_lib
 from bigalign.models import towers
 from bigalign.optimizer import make_optimizer
 
@@ -141,11 +141,6 @@ class Run:
             global_batch_size=config.batch_size, seed=config.seed, modalities=self.modalities,
             start_batch=start_batch,
         )
-
-    def eval_data(self) -> dict:
-        """The held-out arrays the evaluators read (see `held_out.eval_data`)."""
-        return held_out.eval_data(self.config.data, self.tokenizer,
-                                  max_len=self.config.text.max_len, modalities=self.modalities)
 
     def load_initial_towers(self, state: step.TrainState) -> step.TrainState:
         """Replaces each tower that has `model.<tower>.init_from` with that run's (LiT)."""

@@ -15,7 +15,7 @@ import math
 
 import ml_collections
 
-from bigalign import evaluate, objectives, schema as schema_lib, workdir as workdir_lib
+from bigalign import evaluators, objectives, schema as schema_lib, workdir as workdir_lib
 from bigalign.data import pipeline, tokenizer
 from bigalign.errors import UserError
 from bigalign.models import encoders, towers, transformer
@@ -37,12 +37,7 @@ def tower_config(kind: str, **overrides) -> ml_collections.ConfigDict:
     Add a tower to a model with `config.model.<name> = tower_config(kind, ...)`; any
     sub-dict of `config.model` with a `kind` key is a tower, named by its key.
     """
-    tower = schema_lib.defaults(tower_schema(kind))
-    for key in overrides:
-        if key not in tower:
-            raise UserError(f"tower_config: {kind} towers have no key {key!r}; valid: {sorted(tower)}")
-    tower.update(overrides)
-    return tower
+    return schema_lib.defaults_with(tower_schema(kind), overrides, f"tower_config: {kind} towers")
 
 
 def schema() -> dict:
@@ -107,13 +102,12 @@ def schema() -> dict:
         # GradCache: embed the batch in num_chunks pieces and recompute each one's forward in
         # the backward pass; same gradients, tower activation memory / num_chunks. 1: off.
         grad_cache=dict(num_chunks=Key(1, Integer(low=1))),
-        eval=dict(
-            batch_size=Key(250, Integer(low=1)),
-            recall_at=Key((1, 5), Sequence(Integer(low=1))),
-            evaluators=Key(("zeroshot", "retrieval"), Sequence(Registered(evaluate.EVALUATORS))),
-            # Also evaluate every this many steps during training (0: only at the end).
-            every=Key(0, Integer(low=0)),
-        ),
+        # How held-out sets are embedded: this many examples per device call (all devices).
+        eval=dict(batch_size=Key(250, Integer(low=1))),
+        # Named evaluators (evaluators/__init__.py): each runs every `every` steps (0: only
+        # at the end) and after the last step, logging eval/<name>/<metric>.
+        evals={name: evaluators.entry_schema(name)
+               for name in ("zeroshot", "retrieval", "linear_probe", "geometry")},
     )
 
 
@@ -133,6 +127,12 @@ def _check_keys(config, section: dict, prefix=""):
         if prefix == "model." and towers.is_tower(value):
             encoders.get(value.kind, f"{dotted}.kind")
             _check_keys(value, tower_schema(value.kind), prefix=f"{dotted}.")
+        elif prefix == "evals.":
+            if not isinstance(value, ml_collections.ConfigDict) or "kind" not in value:
+                raise UserError(f"{dotted} must be an evaluator entry with a kind, e.g. "
+                                f"evaluators.entry('retrieval', every=1000)")
+            evaluators.EVALUATORS.get(value.kind, f"{dotted}.kind")
+            _check_keys(value, evaluators.entry_schema(value.kind), prefix=f"{dotted}.")
         elif key not in section:
             close = difflib.get_close_matches(key, list(section), n=1)
             hint = f"; did you mean {close[0]!r}?" if close else ""

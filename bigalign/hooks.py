@@ -21,7 +21,7 @@ from typing import Any
 
 import jax
 
-from bigalign import distributed, evaluate
+from bigalign import distributed, evaluators
 from bigalign.errors import UserError
 from bigalign.metrics import format_table
 
@@ -148,47 +148,35 @@ class SaveCheckpoints(Hook):
 
 
 class Evaluate(Hook):
-    """Runs the evaluators of `eval.evaluators` every `eval.every` steps and when training
-    is complete; results go to metrics.jsonl and the console, the final ones to
-    `loop.results`. The held-out data is read once, on first use."""
+    """Runs each `config.evals` entry every its `every` steps, and all of them when
+    training is complete; results go to metrics.jsonl and the console, the final ones
+    to `loop.results`. Held-out sets are streamed from their sources at each evaluation."""
 
-    def __init__(self, logger, every: int):
-        self.logger, self.every = logger, every
-        self._data = None
+    def __init__(self, logger, evals):
+        self.logger = logger
+        self.periods = {name: entry.every for name, entry in evals.items()}
+
+    def _due_names(self, step: int) -> list[str]:
+        return [name for name, every in self.periods.items() if every and step % every == 0]
 
     def due(self, loop):
-        return bool(self.every) and loop.step % self.every == 0 and not loop.finished
+        return not loop.finished and bool(self._due_names(loop.step))
 
-    def evaluate(self, loop) -> dict:
-        if self._data is None:
-            self._data = loop.run.eval_data()
-        results = evaluate.evaluate(loop.run.embedders(loop.state.params), self._data, loop.run.config)
+    def _evaluate(self, loop, names=None) -> tuple[dict, evaluators.Context]:
+        context = evaluators.Context(loop.run, loop.state.params)
+        results = context.evaluate(names)
         self.logger.write(loop.step, results)
-        return results
+        return results, context
 
     def __call__(self, loop):
-        results = self.evaluate(loop)
+        results, _ = self._evaluate(loop, self._due_names(loop.step))
         if results:
             distributed.say(f"Evaluation at step {loop.step}:\n{format_table(results)}")
 
     def end(self, loop):
         if loop.stop:
             return
-        loop.results = self.evaluate(loop)
-        distributed.say(f"\nEvaluation: {describe_eval_data(self._data)}")
+        loop.results, context = self._evaluate(loop)
+        distributed.say(f"\nEvaluation at step {loop.step} on {context.describe()}")
         if loop.results:
             distributed.say(format_table(loop.results))
-
-
-def describe_eval_data(eval_data: dict) -> str:
-    """What was evaluated on, e.g. "1000 held-out pairs; zero-shot over 24 classes on 1000 examples"."""
-    parts = []
-    if "pairs" in eval_data:
-        count = len(next(iter(eval_data["pairs"]["inputs"].values())))
-        parts.append(f"{count} held-out pairs")
-    if "classes" in eval_data:
-        classes = eval_data["classes"]
-        parts.append(f"zero-shot over {len(classes['class_names'])} classes on "
-                     f"{len(classes['labels'])} examples (chance "
-                     f"{1 / len(classes['class_names']):.4f})")
-    return "; ".join(parts) or "no held-out data configured (data.eval_name, data.zeroshot_name)"

@@ -25,6 +25,8 @@ from typing import Any
 
 import ml_collections
 
+from bigalign.errors import UserError
+
 
 def _is_integer(value) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
@@ -184,6 +186,17 @@ def defaults(section: dict) -> ml_collections.ConfigDict:
         (entry.default if isinstance(entry, Key) else entry)
         for key, entry in section.items()
     })
+
+
+def defaults_with(section: dict, overrides: dict, what: str) -> ml_collections.ConfigDict:
+    """`defaults(section)` with `overrides`; a key the section lacks is a UserError naming
+    `what` ("tower_config: vit towers") and the valid keys."""
+    config = defaults(section)
+    for key in overrides:
+        if key not in config:
+            raise UserError(f"{what} have no key {key!r}; valid: {sorted(config)}")
+    config.update(overrides)
+    return config
 
 
 def problem(entry, value) -> str | None:

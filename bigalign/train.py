@@ -84,7 +84,7 @@ def train_and_evaluate(config, workdir: str, *, hooks=()) -> dict:
     checkpointer = checkpoint.Checkpointer(
         workdir_lib.path(workdir) / "checkpoints", max_to_keep=config.keep_checkpoints
     )
-    train_data = None
+    train_data = logger = None
     try:
         start_step = _start_or_resume(config, workdir, checkpointer)
         state = run.init_state()
@@ -109,13 +109,15 @@ def train_and_evaluate(config, workdir: str, *, hooks=()) -> dict:
                 hooks_lib.LogMetrics(logger, every=config.log_every),
                 hooks_lib.StopOnSignal(stop, every=config.stop_check_every),
                 hooks_lib.SaveCheckpoints(checkpointer, every=config.checkpoint_every),
-                hooks_lib.Evaluate(logger, every=config.eval.every),
+                hooks_lib.Evaluate(logger, config.evals),
                 *hooks,
             ])
     finally:  # also on errors: no stray prefetch thread or worker processes
         checkpointer.close()
         if train_data is not None:
             train_data.close()
+        if logger is not None:
+            logger.close()
     if loop.stop:
         reason = stop.signal_name or "a stop request (a signal to another process, or a hook)"
         distributed.say(f"Stopped by {reason} after step {loop.step}, with a checkpoint of it in "

@@ -29,6 +29,11 @@ def get_config(towers: str = ""):
     config.optimizer.warmup_steps = 60
     config.loss.name = "softmax"
     config.model.init_logit_scale = math.log(1 / 0.07)  # CLIP's initial temperature
+    # Watch it learn (tools/plot_metrics.py): zero-shot, retrieval and the embedding
+    # geometry every 50 steps, linear probes every 200.
+    for name in ("zeroshot", "retrieval", "geometry"):
+        config.evals[name].every = 50
+    config.evals.linear_probe.every = 200
     if towers == "audio":
         config.model.audio = tower_config("audio")
         config.loss.pairs = (("image", "text"), ("audio", "text"))

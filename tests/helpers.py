@@ -6,7 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 
 import bigalign
-from bigalign import sharding
+
 
 
 def setup(config, data_shards: int, fsdp: int = 1, *, state_cache: dict | None = None):
@@ -122,37 +122,90 @@ def write_sound_folder(folder, count: int, rng: np.random.Generator, *, rate: in
     return str(index)
 
 
+def _stable_top(similarity: np.ndarray, k: int) -> np.ndarray:
+    return np.argsort(-similarity, axis=1, kind="stable")[:, :k]
+
+
+def _ridge_probe_accuracy(train_x, train_labels, test_x, test_labels, num_classes, l2_regs):
+    """Ridge to +-1 one-hot targets with an intercept; strength by leave-one-out accuracy
+    from the hat matrix (inverse, not eigendecomposition), strongest first on ties."""
+    y = 2.0 * np.eye(num_classes)[train_labels] - 1.0
+    xm, ym = train_x.mean(0), y.mean(0)
+    xc = train_x - xm
+    best, best_score = None, -1.0
+    for l2 in l2_regs:
+        inverse = np.linalg.inv(xc.T @ xc + l2 * np.eye(xc.shape[1]))
+        w = inverse @ xc.T @ (y - ym)
+        fitted = xc @ w + ym
+        leverage = 1 / len(y) + np.sum((xc @ inverse) * xc, axis=1)
+        loo = (fitted - leverage[:, None] * y) / (1 - leverage)[:, None]
+        score = np.mean(loo.argmax(1) == train_labels) if len(y) > 1 else 0.0
+        if score > best_score:
+            best, best_score = w, score
+    return np.mean(((test_x - xm) @ best + ym).argmax(1) == test_labels)
+
+
 def recomputed_metrics(workdir) -> dict:
-    """The final eval metrics recomputed in numpy from the params checkpointed in `workdir`."""
+    """The final eval metrics recomputed in numpy from the params checkpointed in `workdir`
+    and the held-out sets embedded as the evaluators embed them (default evals options)."""
+    from bigalign import evaluators
+    from bigalign.data import held_out
+    from bigalign.evaluators import linear_probe
+
     model = bigalign.load(str(workdir))
-    data, size = model.run.eval_data(), model.config.eval.batch_size
-
-    def embed(modality, inputs):  # in the evaluation's batch shape, so ties rank alike
-        padded = sharding.pad_rows(inputs, size)
-        fn = model.run.embedder(modality)
-        chunks = [np.asarray(fn(model.params, padded[i:i + size])) for i in range(0, len(padded), size)]
-        return np.concatenate(chunks)[: len(inputs)]
-
-    metrics, inputs = {}, data["pairs"]["inputs"]
-    # A retrieved item is a hit when its caption's tokens equal the query's.
-    same = (inputs["text"][:, None] == inputs["text"][None]).all(-1)
-    names = list(inputs)
+    context = evaluators.Context(model.run, model.params)
+    config, metrics = model.config, {}
+    ks = config.evals.retrieval.recall_at
+    pairs = context.pairs()
+    x = pairs.embeddings
+    # A retrieved item is a hit when its caption's tokens equal the query's (first captions).
+    same = (pairs.caption_tokens[:, None] == pairs.caption_tokens[None]).all(-1)
+    names = list(x)
     for i, first in enumerate(names):
         for second in names[i + 1:]:
-            a, b = embed(first, inputs[first]), embed(second, inputs[second])
-            for query, candidate, similarity in ((first, second, a @ b.T), (second, first, (a @ b.T).T)):
-                for k in model.config.eval.recall_at:
-                    hits = [same[q, sorted(range(len(a)), key=lambda j: -similarity[q, j])[:k]].any()
-                            for q in range(len(a))]
-                    metrics[f"eval/{query}2{candidate}_recall@{k}"] = np.mean(hits)
-            metrics[f"eval/{first}_{second}_gap"] = np.sqrt(np.sum((a.mean(0) - b.mean(0)) ** 2))
-    if "classes" in data:
-        classes = data["classes"]
-        num_classes, num_prompts, max_len = classes["class_texts"].shape
-        prompts = embed("text", classes["class_texts"].reshape(-1, max_len))
-        centroids = prompts.reshape(num_classes, num_prompts, -1).mean(1)
+            a, b = x[first].astype(np.float64), x[second].astype(np.float64)
+            relation = same if "text" in (first, second) else np.eye(len(a), dtype=bool)
+            for query, candidate, similarity in ((first, second, a @ b.T), (second, first, b @ a.T)):
+                top = _stable_top(similarity, max(ks))
+                for k in ks:
+                    hits = [relation[q, top[q, :k]].any() for q in range(len(a))]
+                    metrics[f"eval/retrieval/{query}2{candidate}_recall@{k}"] = np.mean(hits)
+            n = len(a)
+            prefix = f"eval/geometry/{first}_{second}"
+            metrics[f"{prefix}_gap"] = np.sqrt(np.sum((a.mean(0) - b.mean(0)) ** 2))
+            metrics[f"{prefix}_positive_cosine"] = np.mean(np.sum(a * b, 1))
+            metrics[f"{prefix}_negative_cosine"] = ((a @ b.T).sum() - np.trace(a @ b.T)) / (n * (n - 1))
+            metrics[f"{prefix}_alignment"] = np.mean(np.sum((a - b) ** 2, 1))
+    for name, values in x.items():
+        v = values.astype(np.float64)
+        distances = np.sum((v[:, None] - v[None]) ** 2, -1)[~np.eye(len(v), dtype=bool)]
+        metrics[f"eval/geometry/{name}_uniformity"] = np.log(np.mean(np.exp(-2 * distances)))
+        p = np.linalg.svd(v, compute_uv=False)
+        p = p / p.sum()
+        metrics[f"eval/geometry/{name}_effective_rank"] = np.exp(-np.sum(p * np.log(p)))
+    metrics["eval/geometry/logit_scale"] = model.logit_scale
+    metrics["eval/geometry/logit_bias"] = model.logit_bias
+    labelled = context.classes()
+    if labelled is not None:
+        prompts = held_out.class_texts(config.data, labelled.spec, labelled.class_names)
+        tokens = model.tokenizer.encode([t for group in prompts for t in group], config.text.max_len)
+        embedded = context.embed("text", tokens).reshape(len(prompts), len(prompts[0]), -1)
+        centroids = embedded.mean(1)
         centroids /= np.linalg.norm(centroids, axis=-1, keepdims=True)
-        for modality, values in classes["inputs"].items():
-            predicted = np.argmax(embed(modality, values) @ centroids.T, axis=1)
-            metrics[f"eval/{modality}_zeroshot_top1"] = np.mean(predicted == classes["labels"])
+        probe = config.evals.linear_probe
+        train = context.classes(split=probe.train_split, limit=probe.num_train)
+        for modality, values in labelled.embeddings.items():
+            top = _stable_top(values @ centroids.T, 5)
+            for k in (1, 5):
+                metrics[f"eval/zeroshot/{modality}_top{k}"] = np.mean(
+                    [labelled.labels[i] in top[i, :k] for i in range(len(values))])
+            rng = np.random.default_rng(config.seed)  # the same shots for every modality
+            for shots in probe.shots:
+                chosen = linear_probe.few_shot_indices(train.labels, shots, rng)
+                metrics[f"eval/linear_probe/{modality}_{shots}shot_top1"] = _ridge_probe_accuracy(
+                    train.embeddings[modality][chosen].astype(np.float64), train.labels[chosen],
+                    values, labelled.labels, len(labelled.class_names), linear_probe.L2_REGS)
+            metrics[f"eval/linear_probe/{modality}_full_top1"] = _ridge_probe_accuracy(
+                train.embeddings[modality].astype(np.float64), train.labels, values,
+                labelled.labels, len(labelled.class_names), linear_probe.L2_REGS)
     return metrics

@@ -11,7 +11,7 @@ import pytest
 from PIL import Image
 
 import bigalign
-from bigalign import config as config_lib, evaluate, train
+from bigalign import config as config_lib, evaluate, evaluators, train
 from bigalign.errors import UserError
 from helpers import random_seed
 
@@ -31,13 +31,14 @@ def trained(tmp_path_factory):
 
 LOAD_AND_EMBED = """
 import sys, numpy as np, bigalign
-from bigalign import evaluate
+from bigalign.data import sources
 model = bigalign.load(sys.argv[1])
-pairs = model.run.eval_data()["pairs"]["inputs"]
-captions = model.tokenizer.decode(pairs["text"])
-assert (model.tokenizer.encode(captions, model.config.text.max_len) == pairs["text"]).all()
-np.savez(sys.argv[2], image=model.embed_image(pairs["image"]), text=model.embed_text(captions),
-         tokens=pairs["text"], step=model.step)
+data = model.config.data
+source = sources.open_source(data, "shapes", data.eval_split)
+examples = [source[i] for i in range(data.num_eval)]
+captions = [example["caption"] for example in examples]
+np.savez(sys.argv[2], image=model.embed_image(np.stack([e["image"] for e in examples])),
+         text=model.embed_text(captions), step=model.step)
 """
 
 
@@ -50,14 +51,13 @@ def test_a_loaded_model_embeds_exactly_as_the_trainers_evaluation(trained, tmp_p
     assert int(saved["step"]) == config.total_steps
     image, text = saved["image"], saved["text"]
     assert image.shape == text.shape == (config.data.num_eval, config.model.embed_dim)
-    # The trainer's metrics, recomputed from these embeddings, agree to the last bit.
-    _, groups = np.unique(saved["tokens"], axis=0, return_inverse=True)
-    groups = groups.reshape(-1)
-    similarity = image @ text.T
-    for k in config.eval.recall_at:
-        assert results[f"eval/image2text_recall@{k}"] == evaluate.recall_at_k(similarity, groups, groups, k)
-        assert results[f"eval/text2image_recall@{k}"] == evaluate.recall_at_k(similarity.T, groups, groups, k)
-    assert results["eval/image_text_gap"] == evaluate.modality_gap(image, text)
+    # The evaluation's own held-out embeddings, to the last bit.
+    model = bigalign.load(str(workdir))
+    pairs = evaluators.Context(model.run, model.params).pairs()
+    np.testing.assert_array_equal(pairs.embeddings["image"], image)
+    np.testing.assert_array_equal(pairs.embeddings["text"], text)
+    gap = np.linalg.norm(image.astype(np.float64).mean(0) - text.astype(np.float64).mean(0))
+    assert results["eval/geometry/image_text_gap"] == pytest.approx(gap, rel=1e-6)
 
 
 def test_the_run_saves_its_config_and_loads_it_back(trained):
@@ -136,3 +136,42 @@ def test_wrong_inputs_are_one_line_errors(trained, call, message):
 def test_loading_a_directory_without_a_run_is_a_one_line_error(tmp_path):
     with pytest.raises(UserError, match="holds no config.json: not a bigalign run"):
         bigalign.load(str(tmp_path))
+
+
+def test_evaluating_a_saved_run_gives_the_trainers_final_numbers(trained, tmp_path):
+    config, workdir, results = trained
+    copy = tmp_path / "run"
+    shutil.copytree(workdir, copy)
+    step, evaluated = evaluate.evaluate_run(str(copy))
+    assert step == config.total_steps and evaluated == results
+    last = json.loads((copy / "metrics.jsonl").read_text().splitlines()[-1])
+    assert last == {"step": step, **results}
+    # The command line, with an override of the saved config and an earlier checkpoint.
+    out = subprocess.run(
+        [sys.executable, "-m", "bigalign.evaluate", "--workdir", str(copy), "--step", "10",
+         "--config.evals.linear_probe.shots=(2,)"],
+        capture_output=True, text=True, cwd=REPO, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert f"Evaluation of {copy} at step 10" in out.stdout
+    lines = (copy / "metrics.jsonl").read_text().splitlines()
+    record = json.loads(lines[-1])
+    assert record["step"] == 10 and "eval/linear_probe/image_2shot_top1" in record
+    assert "eval/linear_probe/image_1shot_top1" not in record
+    assert f"{record['eval/zeroshot/image_top1']:.4f}" in out.stdout
+    assert json.loads(lines[-2]) == last  # appended: nothing removed
+
+
+@pytest.mark.parametrize("arguments, message", [
+    ([], "--workdir is required"),
+    (["--workdir", "{empty}"], "holds no config.json: not a bigalign run"),
+    (["--workdir", "{run}", "--step", "7"], "step 7"),
+    (["--workdir", "{run}", "--config.model.embed_dim=8"], "model.embed_dim is 16 in the run"),
+])
+def test_evaluate_command_errors_are_one_line(trained, tmp_path, monkeypatch, arguments, message):
+    _, workdir, _ = trained
+    (tmp_path / "empty").mkdir()
+    argv = ["evaluate"] + [a.format(empty=tmp_path / "empty", run=workdir) for a in arguments]
+    monkeypatch.setattr(sys, "argv", argv)  # config_flags reads overrides from sys.argv
+    with pytest.raises(SystemExit) as exit_info:
+        evaluate.main()
+    assert message in str(exit_info.value) and "\n" not in str(exit_info.value)

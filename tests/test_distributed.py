@@ -34,8 +34,9 @@ HEARTBEAT_SECONDS = 15
 # The demo config, short: 24 steps with a progress line each, a stop check every 4 steps
 # and an evaluation at step 8 on 200 held-out pairs.
 OVERRIDES = {"total_steps": 24, "log_every": 1, "checkpoint_every": 100, "stop_check_every": 4,
-             "optimizer.warmup_steps": 3, "data.num_eval": 200, "eval.every": 8,
-             "eval.batch_size": 100}
+             "optimizer.warmup_steps": 3, "data.num_eval": 200, "eval.batch_size": 100,
+             "evals.zeroshot.every": 8, "evals.retrieval.every": 8, "evals.geometry.every": 8,
+             "evals.linear_probe.every": 8, "evals.linear_probe.num_train": 400}
 PROGRESS = re.compile(r"^step +(\d+)/\d+ ", re.MULTILINE)
 
 
@@ -190,7 +191,8 @@ def test_an_error_on_one_process_ends_the_job_and_is_printed_once(tmp_path, comp
     rng = np.random.default_rng(np.random.randint(2**31))
     count = 48
     index = write_image_folder(tmp_path / "data", count, rng, truncated=(int(rng.integers(count)),))
-    flags = as_flags({**OVERRIDES, "total_steps": 1000, "batch_size": 16, "eval.every": 0,
+    flags = as_flags({**OVERRIDES, "total_steps": 1000, "batch_size": 16, "evals.zeroshot.every": 0,
+                      "evals.retrieval.every": 0, "evals.geometry.every": 0, "evals.linear_probe.every": 0,
                       "data.max_skipped_fraction": 0.0})
     started = time.monotonic()
     processes = launch(tmp_path / "run", [*flags, f"--config.data.name=csv:{index}"],

@@ -6,12 +6,15 @@ import os
 
 import flax.linen as nn
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 import pytest
 
 import bigalign
-from bigalign import config as config_lib, evaluate, hooks, objectives, train
+from bigalign import config as config_lib, evaluators, hooks, objectives, train
+from bigalign.data import sources
 from bigalign.data.skipping import SKIPPED
+from bigalign.errors import UserError
 from bigalign.models import encoders
 
 
@@ -123,29 +126,47 @@ class RecordSteps(hooks.Hook):
 
 def test_an_evaluator_and_a_hook_added_from_outside_run_at_their_every(
         tiny_config, tmp_path, registered):
-    def mean_positive_cosine(embed, eval_data, config):
-        inputs = eval_data["pairs"]["inputs"]
-        image, text = embed("image", inputs["image"]), embed("text", inputs["text"])
-        return {"eval/mean_positive_cosine": float(np.mean(np.sum(image * text, axis=-1)))}
+    def mean_positive_cosine(context, options):
+        pairs = context.pairs(options.data)
+        image, text = pairs.embeddings["image"], pairs.embeddings["text"]
+        return {"value": float(np.mean(np.sum(image * text, axis=-1)))}
 
-    registered(evaluate.EVALUATORS, "mean_positive_cosine", mean_positive_cosine)
-    tiny_config.eval.evaluators = ("retrieval", "mean_positive_cosine")
-    tiny_config.eval.every = 4
+    registered(evaluators.EVALUATORS, "mean_positive_cosine",
+               evaluators.EvaluatorKind(mean_positive_cosine, options={"data": ""}))
+    tiny_config.evals = ml_collections.ConfigDict({
+        "retrieval": evaluators.entry("retrieval"),  # only at the end
+        "cosine": evaluators.entry("mean_positive_cosine", every=4),
+    })
     tiny_config.total_steps, tiny_config.log_every = 10, 5
     hook = RecordSteps(every=3)
     results = train.train_and_evaluate(tiny_config, str(tmp_path), hooks=[hook])
     assert hook.called == [3, 6, 9, 10] and hook.ended  # every 3 steps, and after the last
-    evaluated = [r for r in read_metrics(tmp_path) if "eval/mean_positive_cosine" in r]
+    evaluated = [r for r in read_metrics(tmp_path) if "eval/cosine/value" in r]
     assert [r["step"] for r in evaluated] == [4, 8, 10]  # every 4 steps, and at the end
-    assert "eval/image_zeroshot_top1" not in results  # only the configured evaluators ran
+    assert not any("eval/retrieval/image2text_recall@1" in r for r in evaluated[:2])
+    assert "eval/retrieval/image2text_recall@1" in results
+    assert not any(key.startswith("eval/zeroshot") for key in results)  # only configured ones
 
+    # The same number from the public API on the raw held-out examples.
     model = bigalign.load(str(tmp_path))
-    pairs = model.run.eval_data()["pairs"]["inputs"]
-    image = model.embed_image(pairs["image"])
-    embed_tokens = model.run.embedders(model.params)["text"]  # held-out captions are tokens
-    text = evaluate.embed(embed_tokens, pairs["text"], tiny_config.eval.batch_size)
+    source = sources.open_source(model.config.data, "shapes", model.config.data.eval_split)
+    examples = [source[i] for i in range(model.config.data.num_eval)]
+    image = model.embed_image(np.stack([e["image"] for e in examples]))
+    text = model.embed_text([e["caption"] for e in examples])
     expected = float(np.mean(np.sum(image * text, axis=-1)))
-    assert results["eval/mean_positive_cosine"] == pytest.approx(expected, rel=1e-6)
+    assert results["eval/cosine/value"] == pytest.approx(expected, rel=1e-6)
+
+
+def test_an_unknown_evaluator_kind_is_a_one_line_error(tiny_config):
+    tiny_config.evals.zeroshot.kind = "zero_shot"
+    with pytest.raises(UserError, match=r"evals.zeroshot.kind='zero_shot' is unknown; valid: "
+                                        r"geometry, linear_probe, retrieval, zeroshot"):
+        config_lib.validate(tiny_config)
+    tiny_config.evals.zeroshot = evaluators.entry("zeroshot")
+    tiny_config.evals.zeroshot.unlock()
+    tiny_config.evals.zeroshot.recall_at = (1,)  # an option of another kind
+    with pytest.raises(UserError, match=r"unknown config key 'evals.zeroshot.recall_at'"):
+        config_lib.validate(tiny_config)
 
 
 def test_a_hook_can_stop_the_run_which_then_resumes(tiny_config, tmp_path, capsys):
@@ -156,7 +177,7 @@ def test_a_hook_can_stop_the_run_which_then_resumes(tiny_config, tmp_path, capsy
     assert (tmp_path / "checkpoints" / "4").is_dir()  # saved on the stop, not only every 10
     resumed = RecordSteps(every=1)
     results = train.train_and_evaluate(tiny_config, str(tmp_path), hooks=[resumed])
-    assert resumed.called == list(range(5, 13)) and "eval/image2text_recall@1" in results
+    assert resumed.called == list(range(5, 13)) and "eval/retrieval/image2text_recall@1" in results
 
 
 def test_the_readme_loss_example_trains_through_config_imports(tiny_config, tmp_path, monkeypatch):

@@ -94,8 +94,8 @@ def test_quickstart_runs_top_to_bottom(tmp_path):
     probe = json.loads(line[len("PROBE "):])
     assert os.path.realpath(probe["executable"]) == os.path.realpath(sys.executable)
     results = probe["results"]
-    assert {"eval/image_zeroshot_top1", "eval/image2text_recall@1",
-            "eval/text2image_recall@1"} <= set(results), results
+    assert {"eval/zeroshot/image_top1", "eval/retrieval/image2text_recall@1",
+            "eval/retrieval/text2image_recall@1"} <= set(results), results
     assert probe["step"] == STEPS  # bigalign.load restored the final checkpoint
     # ... whose logit scale is the one the trainer logged at its last step.
     with open(workdir / "metrics.jsonl") as f:

@@ -1,5 +1,7 @@
 """Tests for bigalign.data.pipeline on the shapes data: batches, augmentation, sharding, resume, eval."""
 
+import types
+
 import grain
 import numpy as np
 import orbax.checkpoint as ocp
@@ -20,6 +22,27 @@ def small_config(**overrides):
     config.seed = random_seed()
     config.update(overrides)
     return config
+
+
+def held_out_run(data_config, tokenizer, *, max_len: int, batch_size: int = 250):
+    """What held_out.embed_set reads of a run: config.data, config.eval.batch_size,
+    config.text.max_len and the tokenizer."""
+    config = types.SimpleNamespace(data=data_config,
+                                   eval=types.SimpleNamespace(batch_size=batch_size),
+                                   text=types.SimpleNamespace(max_len=max_len))
+    return types.SimpleNamespace(config=config, tokenizer=tokenizer)
+
+
+class PreparedInputs:
+    """An `embed` for held_out.embed_set whose embeddings are the prepared inputs
+    themselves, flattened to float32 rows; records each call's (batch, dtype, shape)."""
+
+    def __init__(self):
+        self.calls = {}
+
+    def __call__(self, modality: str, inputs: np.ndarray) -> np.ndarray:
+        self.calls.setdefault(modality, []).append((len(inputs), inputs.dtype, inputs.shape[1:]))
+        return inputs.reshape(len(inputs), -1).astype(np.float32)
 
 
 def take(iterator, count: int) -> list[dict]:
@@ -85,7 +108,13 @@ def test_image_text_pipelines_do_not_synthesise_sounds(tokenizer, monkeypatch):
     config = small_config()
     dataset = pipeline.train_dataset(config, tokenizer, max_len=12, global_batch_size=8, seed=1)
     assert next(iter(dataset)).keys() == {"image", "text", "skipped"}
-    assert held_out.eval_data(config, tokenizer, max_len=12)["pairs"]["inputs"].keys() == {"image", "text"}
+    run = held_out_run(config, tokenizer, max_len=12)
+    pairs = held_out.embed_set(run, PreparedInputs(), "shapes", config.eval_split,
+                               modalities=("image", "text"))
+    assert pairs.embeddings.keys() == {"image", "text"}
+    classes = held_out.embed_set(run, PreparedInputs(), "shapes", config.zeroshot_split,
+                                 modalities=("image",), role="classes")
+    assert classes.embeddings.keys() == {"image"}
 
 
 def test_unknown_modality_is_a_one_line_error(tokenizer):
@@ -96,8 +125,14 @@ def test_unknown_modality_is_a_one_line_error(tokenizer):
         with pytest.raises(UserError, match=expected):
             pipeline.train_dataset(config, tokenizer, max_len=8, global_batch_size=8, seed=0,
                                    modalities=modalities)
+    # The evaluators embed a held-out set with the towers its source provides; asked for
+    # others, embed_set stops with the same line.
+    for modalities, problem in ((("image", "video"), r"unknown modalities \['video'\]"),
+                                ((), "no modalities")):
+        expected = f"{problem} for the held-out set pairs='shapes'; valid: image, text, audio"
         with pytest.raises(UserError, match=expected):
-            held_out.eval_data(config, tokenizer, max_len=8, modalities=modalities)
+            held_out.embed_set(held_out_run(config, tokenizer, max_len=8), PreparedInputs(), "shapes",
+                               config.eval_split, modalities=modalities)
 
 
 def test_audio_augmentation_is_a_small_gain(tokenizer):
@@ -244,27 +279,34 @@ def test_resume_through_an_orbax_checkpoint(tokenizer, tmp_path):
 
 
 @pytest.mark.parametrize("modalities", [("image", "text"), ALL, ("audio", "text")])
-def test_eval_data_matches_the_held_out_split(tokenizer, modalities, monkeypatch):
-    monkeypatch.setattr(held_out, "EVAL_CHUNK", 20)  # several chunks, the last one partial
+def test_held_out_sets_match_the_held_out_split(tokenizer, modalities):
     config = small_config()
-    data = held_out.eval_data(config, tokenizer, max_len=16, modalities=modalities)
     n, classes = config.num_eval, synthetic.NUM_CLASSES
-    assert data.keys() == {"pairs", "classes"}
-    inputs = data["pairs"]["inputs"]
-    assert inputs.keys() == set(modalities)
+    assert held_out.pairs_spec(config) == held_out.classes_spec(config) == "shapes"
+    run = held_out_run(config, tokenizer, max_len=16, batch_size=20)  # the last batch partial
+    prepared = PreparedInputs()
+    pairs = held_out.embed_set(run, prepared, "shapes", config.eval_split, modalities=modalities)
+    assert pairs.spec == "shapes" and pairs.count == n
+    assert pairs.embeddings.keys() == set(modalities)
     shapes = pipeline.input_shapes(config, max_len=16)
+    inputs = {}
     for modality in modalities:
-        assert inputs[modality].shape == (n, *shapes[modality])
         expected = {"image": np.uint8, "text": np.int32, "audio": np.float32}[modality]
-        assert inputs[modality].dtype == expected
-    zeroshot = data["classes"]
-    assert zeroshot["inputs"].keys() == set(modalities) - {"text"}
-    for modality, values in zeroshot["inputs"].items():
-        assert values is inputs[modality]  # the same held-out examples, prepared once
-    assert zeroshot["labels"].shape == (n,) and zeroshot["labels"].dtype == np.int32
-    num_prompts = len(synthetic.class_prompts(0))
-    assert zeroshot["class_texts"].shape == (classes, num_prompts, 16)
-    assert zeroshot["class_names"] == synthetic.CLASS_NAMES
+        assert prepared.calls[modality] == [(b, expected, shapes[modality]) for b in (20, 20, 8)]
+        inputs[modality] = pairs.embeddings[modality].reshape(n, *shapes[modality])
+    np.testing.assert_array_equal(pairs.caption_owner, np.arange(n))  # one caption each
+    assert pairs.caption_tokens.shape == (n, 16) and pairs.caption_tokens.dtype == np.int32
+    np.testing.assert_array_equal(inputs["text"], pairs.caption_tokens)
+    assert pairs.labels is None and pairs.class_names is None
+
+    classified = tuple(m for m in modalities if m != "text")
+    zeroshot = held_out.embed_set(run, PreparedInputs(), "shapes", config.zeroshot_split,
+                                  modalities=classified, role="classes")
+    assert zeroshot.count == n and zeroshot.embeddings.keys() == set(classified)
+    for modality, values in zeroshot.embeddings.items():  # the same held-out examples
+        np.testing.assert_array_equal(values, pairs.embeddings[modality])
+    assert zeroshot.labels.shape == (n,) and zeroshot.caption_tokens is None
+    assert zeroshot.class_names == synthetic.CLASS_NAMES
 
     audio_config = config.audio
     source = synthetic.ShapesSource(
@@ -274,19 +316,19 @@ def test_eval_data_matches_the_held_out_split(tokenizer, modalities, monkeypatch
     )
     i = int(np.random.randint(n))
     example = source[i]
-    assert zeroshot["labels"][i] == example["label"]
-    assert tokenizer.decode(inputs["text"][i : i + 1]) == [example["caption"]]
+    np.testing.assert_array_equal(zeroshot.labels, [source[j]["label"] for j in range(n)])
+    assert tokenizer.decode(pairs.caption_tokens[i : i + 1]) == [example["caption"]]
     if "image" in modalities:
-        np.testing.assert_array_equal(
-            inputs["image"][i], example["image"]
-        )
+        np.testing.assert_array_equal(inputs["image"][i], example["image"])
     if "audio" in modalities:
         expected = audio_modality.normalise(
             example["audio"][None], audio_modality.spectrogram_options(config)
         )[0]
         np.testing.assert_allclose(inputs["audio"][i], expected, atol=1e-5)
+    prompts = held_out.class_texts(config, "shapes", zeroshot.class_names)
+    assert len(prompts) == classes
     label = int(np.random.randint(classes))
-    assert tokenizer.decode(zeroshot["class_texts"][label]) == synthetic.class_prompts(label)
+    assert prompts[label] == synthetic.class_prompts(label)
 
 
 def test_tokenizer_corpus_holds_every_caption():

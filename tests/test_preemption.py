@@ -23,7 +23,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # no evaluators (what is compared is the training, and the final evaluation costs seconds).
 RUN = ["--config.total_steps=24", "--config.checkpoint_every=6", "--config.log_every=1",
        "--config.batch_size=32", "--config.optimizer.warmup_steps=3",
-       "--config.data.num_train=512", "--config.data.num_eval=64", "--config.eval.evaluators=()"]
+       "--config.data.num_train=512", "--config.data.num_eval=64", "--config.evals={}"]
 PROGRESS = re.compile(r"^step +(\d+)/24 ", re.MULTILINE)
 RESUMED = re.compile(r"^Resuming from the checkpoint at step (\d+) ", re.MULTILINE)
 

@@ -10,8 +10,9 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-from bigalign import config as config_lib, train
+from bigalign import config as config_lib, evaluate, train
 from bigalign.data import pipeline, synthetic, tokenizer
+from bigalign.errors import UserError
 from helpers import random_seed, recomputed_metrics, write_image_folder, write_sound_folder
 
 REPO = __file__.rsplit("/tests/", 1)[0]
@@ -35,7 +36,7 @@ def test_trains_from_a_csv_folder_and_evaluates_retrieval(tiny_config, tmp_path)
     index = write_image_folder(tmp_path / "data", 40, np.random.default_rng(seed))
     tiny_config.data.update(name=f"csv:{index}", eval_name=f"csv:{index}")
     results = train_briefly(tiny_config, tmp_path / "run", seed)
-    assert {"eval/image2text_recall@1", "eval/text2image_recall@5"} <= results.keys()
+    assert {"eval/retrieval/image2text_recall@1", "eval/retrieval/text2image_recall@5"} <= results.keys()
     assert not any("zeroshot" in key for key in results)
 
 
@@ -50,7 +51,7 @@ def test_trains_audio_text_pairs_from_a_csv_of_wav_files(tiny_config, tmp_path):
     tiny_config.data.update(name=f"csv:{index}", eval_name=f"csv:{index}",
                             csv_image_column="", csv_audio_column="sound")
     results = train_briefly(tiny_config, tmp_path / "run", seed)
-    assert {"eval/audio2text_recall@1", "eval/text2audio_recall@5"} <= results.keys()
+    assert {"eval/retrieval/audio2text_recall@1", "eval/retrieval/text2audio_recall@5"} <= results.keys()
 
 
 def test_trains_from_array_record_shards_made_by_the_tool(tiny_config, tmp_path):
@@ -62,7 +63,7 @@ def test_trains_from_array_record_shards_made_by_the_tool(tiny_config, tmp_path)
     tiny_config.data.update(name=f"array_record:{tmp_path}/shards/train-*",
                             eval_name=f"csv:{index}")
     results = train_briefly(tiny_config, tmp_path / "run", seed)
-    assert "eval/image2text_recall@1" in results
+    assert "eval/retrieval/image2text_recall@1" in results
 
 
 def test_trains_from_tfds_and_evaluates_zeroshot(tiny_config, tmp_path):
@@ -71,7 +72,68 @@ def test_trains_from_tfds_and_evaluates_zeroshot(tiny_config, tmp_path):
     tiny_config.data.update(name="tfds:cifar10", text_key="label", zeroshot_name="tfds:cifar10")
     with tfds.testing.mock_data(num_examples=48):
         results = train_briefly(tiny_config, tmp_path / "run", random_seed())
-    assert {"eval/image_zeroshot_top1", "eval/image2text_recall@1"} <= results.keys()
+    assert {"eval/zeroshot/image_top1", "eval/retrieval/image2text_recall@1"} <= results.keys()
+
+
+COLOURS = {"red": (220, 30, 30), "green": (30, 200, 40), "blue": (30, 40, 220), "grey": (128, 128, 128)}
+
+
+def write_labelled_csvs(folder, rng) -> dict:
+    """Pictures of four colours: a captioned training CSV, labelled probe-training and test
+    CSVs (filepath,label: names and ids) and the class-names file."""
+    from PIL import Image
+
+    (folder / "images").mkdir(parents=True)
+    names = list(COLOURS)
+    (folder / "classes.txt").write_text("\n".join(names) + "\n")
+    rows = {"train": ["filepath,caption"], "probe": ["filepath,label"], "test": ["filepath,label"]}
+    for i in range(96):
+        label = int(rng.integers(len(names)))
+        noise = rng.integers(-25, 26, size=(20, 20, 3))
+        pixels = np.clip(np.array(COLOURS[names[label]]) + noise, 0, 255).astype(np.uint8)
+        Image.fromarray(pixels).save(folder / "images" / f"{i}.png")
+        part = "train" if i < 48 else "probe" if i < 80 else "test"
+        cell = f"a photo of a {names[label]} square" if part == "train" else (
+            names[label] if i % 2 else str(label))  # class names and ids both
+        rows[part].append(f"images/{i}.png,{cell}")
+    for part, lines in rows.items():
+        (folder / f"{part}.csv").write_text("\n".join(lines) + "\n")
+    return {part: str(folder / f"{part}.csv") for part in rows} | {"classes": str(folder / "classes.txt")}
+
+
+def test_a_labelled_csv_dataset_trains_through_the_cli_and_runs_every_evaluator(tmp_path):
+    paths = write_labelled_csvs(tmp_path / "data", np.random.default_rng(random_seed()))
+    workdir = tmp_path / "run"
+    flags = {"total_steps": 6, "batch_size": 16, "log_every": 3, "checkpoint_every": 6,
+             "optimizer.warmup_steps": 1, "data.image_size": 16, "data.name": f"csv:{paths['train']}",
+             "data.eval_name": f"csv:{paths['train']}", "data.zeroshot_name": f"csv:{paths['test']}",
+             "data.class_names": paths["classes"], "data.prompts": "('a photo of a {} square',)",
+             "evals.linear_probe.train_data": f"csv:{paths['probe']}",
+             "evals.linear_probe.shots": "(2,)", "evals.zeroshot.every": 3}
+    out = subprocess.run(
+        [sys.executable, "-m", "bigalign.train", "--config", f"{REPO}/configs/demo.py",
+         "--workdir", str(workdir), *[f"--config.{k}={v}" for k, v in flags.items()]],
+        capture_output=True, text=True, cwd=REPO, timeout=600)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    records = [json.loads(line) for line in open(workdir / "metrics.jsonl")]
+    assert [r["step"] for r in records if "eval/zeroshot/image_top1" in r] == [3, 6]
+    final = records[-1]
+    for name in ("zeroshot/image_top1", "zeroshot/image_top5", "retrieval/image2text_recall@1",
+                 "retrieval/text2image_recall@10", "linear_probe/image_2shot_top1",
+                 "linear_probe/image_full_top1", "geometry/image_text_gap",
+                 "geometry/image_effective_rank", "geometry/logit_scale"):
+        assert f"eval/{name}" in final, (name, sorted(final))
+    assert final["eval/zeroshot/image_top5"] == 1.0  # four classes: all are in the top 5
+    # Solid colours are linearly separable even in a barely trained model's embeddings;
+    # wrong labels (ids and names mixed up, rows shifted) would not be.
+    assert final["eval/linear_probe/image_full_top1"] >= 0.75, final
+    assert "4 classes (chance 0.2500)" in out.stdout and "(test): 16 examples" in out.stdout
+    # Probing with a training set of other classes is a one-line error.
+    config = config_lib.load_saved(str(workdir))
+    config.evals.linear_probe.train_data = "shapes"
+    with pytest.raises(UserError, match=r"linear_probe: the training set 'shapes' has other class "
+                                        r"names than the test set 'csv:.*test.csv'"):
+        evaluate.evaluate_run(str(workdir), config=config)
 
 
 def take_batches(config: dict, count: int, tokenizer_path: str, restore="", save="", save_after=0) -> dict:

@@ -1,13 +1,16 @@
 """Tests for real-data sources (CSV, tfds, ArrayRecord) through the pipeline, and skipping bad files."""
 
 import os
+import types
 
 import numpy as np
 import pytest
 import tensorflow_datasets as tfds
 
+from bigalign import modalities as modalities_lib
 from bigalign.modalities import audio as audio_modality
-from bigalign.data import array_record, held_out, images, pipeline, skipping, sources, waveforms
+from bigalign.data import (array_record, held_out, images, pipeline, skipping, sources,
+                           synthetic, waveforms)
 from bigalign.data.csv_source import CsvSource
 from bigalign.data.tfds_source import TfdsSource
 from bigalign.errors import UserError
@@ -19,6 +22,33 @@ def csv_config(index: str, **overrides):
     config.update(name=f"csv:{index}", eval_name=f"csv:{index}", image_size=16, num_eval=12)
     config.update(overrides)
     return config
+
+
+def held_out_run(data_config, tokenizer, *, max_len: int = 12, batch_size: int = 5):
+    """What held_out.embed_set reads of a run: config.data, config.eval.batch_size,
+    config.text.max_len and the tokenizer."""
+    config = types.SimpleNamespace(data=data_config,
+                                   eval=types.SimpleNamespace(batch_size=batch_size),
+                                   text=types.SimpleNamespace(max_len=max_len))
+    return types.SimpleNamespace(config=config, tokenizer=tokenizer)
+
+
+def prepared_inputs(modality: str, inputs: np.ndarray) -> np.ndarray:
+    """An `embed` for held_out.embed_set: the prepared inputs themselves, one float32 row each."""
+    return inputs.reshape(len(inputs), -1).astype(np.float32)
+
+
+def held_out_inputs(data_config, tokenizer, spec: str, split: str, *, modalities=("image", "text"),
+                    role: str = "pairs") -> tuple[held_out.EmbeddedSet, dict]:
+    """The held-out set `spec` embedded with `prepared_inputs`, and its prepared inputs
+    {modality: [N, ...]} (text: the caption tokens)."""
+    embedded = held_out.embed_set(held_out_run(data_config, tokenizer), prepared_inputs, spec,
+                                  split, modalities=modalities, role=role)
+    inputs = {m: values.reshape(len(values), *modalities_lib.get(m).input_shape(data_config, 12))
+              for m, values in embedded.embeddings.items()}
+    if "text" in inputs:
+        np.testing.assert_array_equal(inputs["text"], embedded.caption_tokens)
+    return embedded, inputs
 
 
 def take(dataset, count: int) -> list[dict]:
@@ -91,10 +121,12 @@ def test_csv_train_batches_are_crops_of_the_listed_images(tmp_path, tokenizer):
 def test_csv_eval_pairs_are_centre_crops(tmp_path, tokenizer):
     rng = np.random.default_rng(random_seed())
     index = write_image_folder(tmp_path, 20, rng)
-    data = held_out.eval_data(csv_config(index), tokenizer, max_len=12)
-    assert data.keys() == {"pairs"}  # no labels: no zero-shot
-    inputs = data["pairs"]["inputs"]
-    assert inputs["image"].shape == (12, 16, 16, 3)  # num_eval caps the 20 rows
+    config = csv_config(index)
+    assert held_out.pairs_spec(config) == f"csv:{index}"
+    assert held_out.classes_spec(config) == ""  # no data.zeroshot_name: no zero-shot
+    pairs, inputs = held_out_inputs(config, tokenizer, config.eval_name, config.eval_split)
+    assert pairs.count == 12  # num_eval caps the 20 rows
+    assert inputs["image"].shape == (12, 16, 16, 3)
     i = int(rng.integers(12))
     example = CsvSource(index)[i]
     np.testing.assert_array_equal(
@@ -110,12 +142,16 @@ def test_csv_sounds_give_log_mels_of_resampled_wav_windows(tmp_path, tokenizer):
     assert sources.modalities(config, config.name) == ("text", "audio")
     options = audio_modality.spectrogram_options(config)
     clip_samples = round(config.audio.clip_seconds * config.audio.sample_rate)
-    data = held_out.eval_data(config, tokenizer, max_len=12, modalities=("audio", "text"))
-    i = int(rng.integers(10))
-    waveform = waveforms.load(CsvSource(index, image_column="", audio_column="sound")[i]["audio"],
-                              config.audio.sample_rate)
-    expected = audio_modality.normalise(waveforms.clip(waveform, clip_samples)[None], options)[0]
-    np.testing.assert_allclose(data["pairs"]["inputs"]["audio"][i], expected, atol=1e-5)
+    pairs, inputs = held_out_inputs(config, tokenizer, config.eval_name, config.eval_split,
+                                    modalities=("audio", "text"))
+    assert pairs.count == 10 and inputs["audio"].shape[1:] == pipeline.input_shapes(
+        config, max_len=12)["audio"]
+    rows = CsvSource(index, image_column="", audio_column="sound")
+    for i in range(10):  # each row's first window (a random one would differ in a longer sound)
+        waveform = waveforms.load(rows[i]["audio"], config.audio.sample_rate)
+        window = waveforms.clip(waveform, clip_samples)
+        expected = audio_modality.normalise(window[None], options)[0]
+        np.testing.assert_allclose(inputs["audio"][i], expected, atol=1e-5)
     batch = take(pipeline.train_dataset(config, tokenizer, max_len=12, global_batch_size=4,
                                         seed=0, modalities=("audio", "text")), 1)[0]
     assert batch["audio"].shape == (4, *pipeline.input_shapes(config, max_len=12)["audio"])
@@ -230,25 +266,102 @@ def test_tfds_eval_has_pairs_and_zeroshot_classes(mock_cifar, tokenizer):
     config = pipeline.default_config()
     config.update(name="tfds:cifar10", text_key="label", zeroshot_name="tfds:cifar10",
                   image_size=16, num_eval=24)
-    data = held_out.eval_data(config, tokenizer, max_len=12)
-    assert data["pairs"]["inputs"]["image"].shape == (24, 16, 16, 3)
-    classes = data["classes"]
+    assert held_out.pairs_spec(config) == held_out.classes_spec(config) == "tfds:cifar10"
+    pairs, pair_inputs = held_out_inputs(config, tokenizer, "tfds:cifar10", config.eval_split)
+    assert pairs.count == 24 and pair_inputs["image"].shape == (24, 16, 16, 3)
+    classes, inputs = held_out_inputs(config, tokenizer, "tfds:cifar10", config.zeroshot_split,
+                                      modalities=("image",), role="classes")
     source = TfdsSource("cifar10", "test", label_key="label", text_key="")
-    assert classes["class_names"] == source.class_names
+    assert classes.class_names == source.class_names
+    np.testing.assert_array_equal(classes.labels, [source[j]["label"] for j in range(24)])
     i = int(np.random.randint(24))
-    assert classes["labels"][i] == source[i]["label"]
-    np.testing.assert_array_equal(
-        classes["inputs"]["image"][i],
-        images.eval_view(source[i]["image"], 16),
-    )
-    prompts = sources.DEFAULT_PROMPTS
-    assert classes["class_texts"].shape == (10, len(prompts), 12)
+    np.testing.assert_array_equal(inputs["image"][i], images.eval_view(source[i]["image"], 16))
+    prompts = held_out.class_texts(config, classes.spec, classes.class_names)
+    assert len(prompts) == 10
+    name = source.class_names[i % 10]
+    assert prompts[i % 10] == [template.format(name) for template in sources.DEFAULT_PROMPTS]
 
 
-def test_zeroshot_needs_a_labelled_source(tmp_path, tokenizer):
-    index = write_image_folder(tmp_path, 4, np.random.default_rng(random_seed()))
-    with pytest.raises(UserError, match="zero-shot needs class labels"):
-        held_out.eval_data(csv_config(index, zeroshot_name=f"csv:{index}"), tokenizer, max_len=8)
+def write_class_names(folder, rng: np.random.Generator, count: int) -> tuple[str, list[str]]:
+    """A data.class_names file of `count` shapes class names in random order: (path, names)."""
+    names = [str(name) for name in rng.permutation(synthetic.CLASS_NAMES)[:count]]
+    (folder / "classes.txt").write_text("\n".join(names) + "\n")
+    return str(folder / "classes.txt"), names
+
+
+def test_csv_zeroshot_reads_labels_by_name_or_id(tmp_path):
+    rng = np.random.default_rng(random_seed())
+    class_file, names = write_class_names(tmp_path, rng, int(rng.integers(2, 6)))
+    labels = rng.integers(len(names), size=10)
+    by_name = rng.permutation(10) < 5  # half the cells name the class, half give its id
+    cells = [names[label] if name else str(label) for label, name in zip(labels, by_name)]
+    index = write_image_folder(tmp_path, 10, rng)
+    header, *rows = open(index).read().splitlines()
+    with open(index, "w") as f:
+        f.write("\n".join([f"{header},label", *(f"{r},{c}" for r, c in zip(rows, cells))]) + "\n")
+    config = csv_config(index, zeroshot_name=f"csv:{index}", class_names=class_file)
+    source = sources.open_zeroshot(config, config.zeroshot_name)
+    assert sources.class_names(source) == names
+    # The held-out classes are the eval views of these examples.
+    examples = [pipeline.EvalView(config).map(source[i]) for i in range(len(source))]
+    assert [example["label"] for example in examples] == labels.tolist()
+    i = int(rng.integers(10))
+    assert examples[i].keys() == {"image", "label", "origin"}
+    np.testing.assert_array_equal(examples[i]["image"],
+                                  images.eval_view(CsvSource(index)[i]["image"], 16))
+    prompt = sources.DEFAULT_PROMPTS[0].format(names[int(rng.integers(len(names)))])
+    assert prompt in pipeline.tokenizer_corpus(config)
+
+
+def test_a_zeroshot_csv_needs_no_caption_column(tmp_path):
+    rng = np.random.default_rng(random_seed())
+    class_file, names = write_class_names(tmp_path, rng, 3)
+    (tmp_path / "a.png").write_bytes(b"")
+    (tmp_path / "index.tsv").write_text(f"path\tclass\na.png\t{names[2]}\n")
+    config = pipeline.default_config()
+    config.update(csv_image_column="path", csv_label_column="class", class_names=class_file)
+    spec = f"csv:{tmp_path / 'index.tsv'}"
+    source = sources.open_zeroshot(config, spec)
+    assert source[0] == {"image": str(tmp_path / "a.png"), "label": 2,
+                         "origin": str(tmp_path / "a.png")}
+    assert sources.class_names(source) == names
+    with pytest.raises(UserError, match="has no column 'caption'"):  # pairs still need captions
+        sources.open_source(config, spec, "test")
+
+
+@pytest.mark.parametrize("cell, with_names, match", [
+    ("zebra", True, "label 'zebra' is neither one of the 3 class names of data.class_names nor a "
+                    "class id; fix the cell or add the class to that file"),
+    ("3", True, r"class id 3 is out of range for the 3 class names of data.class_names "
+                r"\(ids 0..2\); fix the cell"),
+    ("-1", True, "label '-1' is neither one of the 3 class names"),
+    (" ", True, "has an empty 'label' cell; give each row a class name of data.class_names or a "
+                "class id 0..2"),
+    ("1", False, r"zero-shot on CSV index '.*index.csv' needs class names for its prompts; list "
+                 r"them in a data.class_names file"),
+])
+def test_bad_csv_labels_stop_at_open_naming_the_line(tmp_path, cell, with_names, match):
+    rng = np.random.default_rng(random_seed())
+    class_file, _ = write_class_names(tmp_path, rng, 3)
+    bad = int(rng.integers(1, 6))
+    # Row 0's caption spans two lines, so row r ends on line r + 3 of the file.
+    rows = ['a.png,"two\nlines",0', *(f"a.png,x,{cell if r == bad else 1}" for r in range(1, 6))]
+    (tmp_path / "index.csv").write_text("\n".join(["filepath,caption,label", *rows]) + "\n")
+    config = pipeline.default_config()
+    config.class_names = class_file if with_names else ""
+    where = rf"CSV index '.*index.csv' line {bad + 3}\W+" if with_names else ""
+    with pytest.raises(UserError, match=where + match):
+        sources.open_zeroshot(config, f"csv:{tmp_path / 'index.csv'}")
+
+
+def test_a_zeroshot_csv_needs_its_label_column(tmp_path):
+    class_file, _ = write_class_names(tmp_path, np.random.default_rng(random_seed()), 3)
+    (tmp_path / "index.csv").write_text("filepath,caption\na.png,x\n")
+    config = pipeline.default_config()
+    config.class_names = class_file
+    with pytest.raises(UserError, match=r"no column 'label' \(found \['filepath', 'caption'\].*"
+                                        r"csv_label_column"):
+        sources.open_zeroshot(config, f"csv:{tmp_path / 'index.csv'}")
 
 
 def test_array_record_shards_give_the_csv_pairs(tmp_path, tokenizer):
@@ -259,8 +372,10 @@ def test_array_record_shards_give_the_csv_pairs(tmp_path, tokenizer):
         array_record.examples_from_csv(CsvSource(index), tally), str(tmp_path / "shard"), 3
     )
     config = csv_config(index, eval_name=f"array_record:{tmp_path}/shard-*", num_eval=10)
-    from_shards = held_out.eval_data(config, tokenizer, max_len=12)["pairs"]["inputs"]
-    from_csv = held_out.eval_data(csv_config(index, num_eval=10), tokenizer, max_len=12)["pairs"]["inputs"]
+    from_shards = held_out_inputs(config, tokenizer, config.eval_name, config.eval_split)[1]
+    csv = csv_config(index, num_eval=10)
+    from_csv = held_out_inputs(csv, tokenizer, csv.eval_name, csv.eval_split)[1]
+    assert len(from_shards["image"]) == len(from_csv["image"]) == 10
     # Shards interleave rows (j % 3); as sets of (image, text) the two sources agree.
     as_set = lambda inputs: sorted(  # noqa: E731
         (t.tobytes(), i.tobytes()) for t, i in zip(inputs["text"], inputs["image"]))
@@ -296,9 +411,11 @@ def test_a_registered_source_kind_is_a_valid_spec_everywhere(inmemory_kind, toke
     source = sources.open_source(config, "inmemory:6", "validation")
     assert [e["caption"] for e in source] == [f"validation pair {i}" for i in range(6)]
     with pytest.raises(UserError, match="'inmemory:6': zero-shot needs class labels; use "
-                                        "'shapes' or 'tfds:NAME'"):
+                                        "'shapes', 'tfds:NAME' or 'csv:PATH'"):
         sources.open_zeroshot(config, "inmemory:6")
-    inputs = held_out.eval_data(config, tokenizer, max_len=12)["pairs"]["inputs"]
+    assert held_out.pairs_spec(config) == "inmemory:6"
+    pairs, inputs = held_out_inputs(config, tokenizer, "inmemory:6", config.eval_split)
+    assert pairs.count == 6
     i = int(np.random.randint(6))
     np.testing.assert_array_equal(inputs["image"][i], images.eval_view(inmemory_kind[i], 16))
     np.testing.assert_array_equal(inputs["text"][i],

@@ -62,7 +62,7 @@ def test_training_end_to_end_and_resume_replays_the_same_run(tiny_config, tmp_pa
     straight_dir, resumed_dir = tmp_path / "straight", tmp_path / "resumed"
     straight = train.train_and_evaluate(tiny_config, str(straight_dir))
     assert "Starting a new run" in capsys.readouterr().out
-    assert {"eval/image_zeroshot_top1", "eval/text2image_recall@5", "eval/image_text_gap"} <= straight.keys()
+    assert {"eval/zeroshot/image_top1", "eval/retrieval/text2image_recall@5", "eval/geometry/image_text_gap"} <= straight.keys()
     assert straight == pytest.approx(recomputed_metrics(straight_dir), rel=1e-5), f"seed {seed}"
     records = read_metrics(straight_dir)
     assert all("step" in r for r in records)
@@ -114,8 +114,8 @@ def test_three_towers_train_on_the_sum_of_pair_losses_and_evaluate_every_pair(ti
     tiny_config.total_steps, tiny_config.log_every = 4, 2
     tiny_config.seed = seed = random_seed()
     results = train.train_and_evaluate(tiny_config, str(tmp_path))
-    assert {"eval/audio_zeroshot_top1", "eval/image_zeroshot_top1", "eval/audio2image_recall@1",
-            "eval/text2audio_recall@5", "eval/audio_text_gap"} <= results.keys()
+    assert {"eval/zeroshot/audio_top1", "eval/zeroshot/image_top1", "eval/retrieval/audio2image_recall@1",
+            "eval/retrieval/text2audio_recall@5", "eval/geometry/audio_text_gap"} <= results.keys()
     assert results == pytest.approx(recomputed_metrics(tmp_path), rel=1e-5), f"seed {seed}"
     records = [r for r in read_metrics(tmp_path) if "train/loss" in r]
     assert len(records) == 2

@@ -82,7 +82,12 @@ def schema() -> dict:
         csv_text_column=Key("caption", Text(nonempty=True)),
         csv_audio_column="",  # a column of WAV paths, for audio towers ("": none)
         csv_separator="",  # "": tab for .tsv, comma otherwise
-        # A file with one zero-shot class name per line (overrides tfds').
+        # Each row's class (a name of data.class_names, or an id) in a CSV used for
+        # zero-shot (data.zeroshot_name=csv:...). Read only there, so pairs CSVs need no
+        # such column, and a labelled CSV with a "label" column needs just data.class_names.
+        csv_label_column=Key("label", Text(nonempty=True)),
+        # A file with one zero-shot class name per line, the i-th naming class id i
+        # (overrides tfds'; a CSV needs it).
         class_names=Key("", Path("file")),
         # Zero-shot prompt templates with one "{}"; (): sources.DEFAULT_PROMPTS.
         prompts=Key((), Sequence(Text(nonempty=True))),
@@ -163,7 +168,7 @@ class _View:
         `rng` a training view (random crop, flip, window, caption), else the eval view."""
         if "error" in example:
             return example
-        view = {key: example[key] for key in ("origin", "label") if key in example}
+        view = {key: example[key] for key in ("origin", "label", "captions") if key in example}
         if "caption" in example:
             captions = _captions(example)
             if not captions:

@@ -5,7 +5,8 @@ the kind looked up in the SOURCES registry. Built in:
 - "shapes": the built-in synthetic data (`synthetic.py`), with its own train/eval splits;
 - "tfds:NAME": a prepared tfds dataset (`tfds_source.py`), e.g. "tfds:cifar10",
   "tfds:coco_captions/2017";
-- "csv:PATH": a CSV/TSV index of image files and captions (`csv_source.py`);
+- "csv:PATH": a CSV/TSV index of image (or WAV) files and captions, or, for zero-shot,
+  class labels (`csv_source.py`);
 - "array_record:GLOB": shards written by tools/make_array_record.py (`array_record.py`).
 
 Every source maps an index to a raw example, a dict with some of:
@@ -125,7 +126,7 @@ def open_source(data_config, spec: str, split: str, *, role: str = "pairs",
     if role == "classes" and not entry.labels:
         labelled = [name for name in SOURCES.names() if SOURCES.get(name).labels]
         raise UserError(f"data.zeroshot_name={spec!r}: zero-shot needs class labels; use "
-                        f"{_one_of(labelled)} (with data.label_key)")
+                        f"{_one_of(labelled)}")
     return entry.open(data_config, argument, split, role, with_audio)
 
 
@@ -169,10 +170,13 @@ def _open_tfds(data_config, argument, split, role, with_audio):
 
 
 def _open_csv(data_config, argument, split, role, with_audio):
+    classes = role == "classes"  # labels instead of captions
     return csv_source.CsvSource(
         argument, image_column=data_config.csv_image_column,
-        text_column=data_config.csv_text_column, audio_column=data_config.csv_audio_column,
-        separator=data_config.csv_separator,
+        text_column="" if classes else data_config.csv_text_column,
+        audio_column=data_config.csv_audio_column,
+        label_column=data_config.csv_label_column if classes else "",
+        class_names=class_names_override(data_config), separator=data_config.csv_separator,
     )
 
 
@@ -189,5 +193,6 @@ def _csv_modalities(data_config, argument):
 SOURCES.register("shapes", SourceKind(_open_shapes, lambda data_config, argument: ALL_MODALITIES,
                                       labels=True))
 SOURCES.register("tfds", SourceKind(_open_tfds, argument_name="NAME", labels=True))
-SOURCES.register("csv", SourceKind(_open_csv, _csv_modalities, argument_name="PATH"))
+SOURCES.register("csv", SourceKind(_open_csv, _csv_modalities, argument_name="PATH",
+                                   labels=True))
 SOURCES.register("array_record", SourceKind(_open_array_record, argument_name="GLOB"))
