@@ -38,6 +38,9 @@ OVERRIDES = {"total_steps": 24, "log_every": 1, "checkpoint_every": 100, "stop_c
              "evals.zeroshot.every": 8, "evals.retrieval.every": 8, "evals.geometry.every": 8,
              "evals.linear_probe.every": 8, "evals.linear_probe.num_train": 400}
 PROGRESS = re.compile(r"^step +(\d+)/\d+ ", re.MULTILINE)
+# Not compared: the demo's softmax loss gives the logit bias a gradient of rounding noise,
+# which Adam scales up to full steps, so its value depends on the order of the sums.
+NOISE = "eval/geometry/logit_bias"
 
 
 def free_port() -> int:
@@ -147,7 +150,7 @@ def test_two_processes_train_like_one_stop_together_and_resume_on_one(tmp_path, 
     evaluated, expected_eval = eval_records(workdir)[8], eval_records(reference)[8]
     assert sorted(evaluated) == sorted(expected_eval)
     for key in evaluated:
-        if key.startswith("eval/"):
+        if key.startswith("eval/") and key != NOISE:
             np.testing.assert_allclose(evaluated[key], expected_eval[key], rtol=1e-5, err_msg=key)
     assert PROGRESS.search(outputs[0]) and not PROGRESS.search(outputs[1])
     assert "Evaluation at step 8" in outputs[0] and "Evaluation" not in outputs[1]
@@ -162,8 +165,8 @@ def test_two_processes_train_like_one_stop_together_and_resume_on_one(tmp_path, 
     assert sorted(losses) == list(range(1, 25))
     np.testing.assert_allclose([losses[s] for s in range(step + 1, 25)],
                                [expected[s] for s in range(step + 1, 25)], rtol=1e-5)
-    final = {k: v for k, v in records(reference)[-1].items() if k.startswith("eval/")}
-    assert sorted(results) == sorted(final)
+    final = {k: v for k, v in records(reference)[-1].items() if k.startswith("eval/") and k != NOISE}
+    assert sorted(results) == sorted([*final, NOISE])
     np.testing.assert_allclose([results[k] for k in final], list(final.values()), rtol=1e-5)
 
 
