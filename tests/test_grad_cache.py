@@ -63,9 +63,14 @@ def test_loss_and_gradients_match_plain_autodiff(config, loss_name, shards):
     assert_trees_close(cached_grads, grads, rtol=1e-4, noise=noise)
 
 
-def test_dropout_is_replayed_exactly_in_the_recomputation(config):
-    """With dropout on, the result equals autodiff through the same chunked forward (same masks)."""
-    config.model.dropout_rate = 0.3
+@pytest.mark.parametrize("masking", ["dropout_rate", "image.patch_dropout"])
+def test_dropout_is_replayed_exactly_in_the_recomputation(config, masking):
+    """With dropout (or patch dropout) on, the result equals autodiff through the same
+    chunked forward (same masks)."""
+    if masking == "dropout_rate":
+        config.model.dropout_rate = 0.3
+    else:
+        config.model.image.patch_dropout = 0.5
     run, state = build_on_mesh(config, 8, state_cache=_initial_states)
     mesh, model = run.mesh, run.model
     batch = random_global_batch(run, np.random.default_rng(random_seed()))

@@ -10,7 +10,7 @@ import ml_collections
 import numpy as np
 import pytest
 
-from bigalign.models import audio, sizes, towers
+from bigalign.models import audio, sizes, towers, vit as vit_module
 from bigalign.models.text import TextTransformer
 from bigalign.models.towers import ContrastiveModel
 from bigalign.models.transformer import REMAT_POLICIES
@@ -345,6 +345,34 @@ def test_dropout_only_in_training(boxed_params, reference):
     for modality, expected in outputs["embeddings"].items():
         np.testing.assert_allclose(evaluation[modality], expected, rtol=1e-6)
         assert not np.allclose(train[modality], expected)
+
+
+@pytest.mark.parametrize("pool", ["gap", "cls"])
+def test_patch_dropout_keeps_a_random_subset_of_each_images_patches_in_training_only(pool):
+    rng = np.random.default_rng(random_seed())
+    images = rng.integers(0, 256, size=(6, 16, 16, 3), dtype=np.uint8)  # 16 patches each
+    plain = VisionTransformer(4, 8, 0, num_heads=2, mlp_dim=16, pool=pool)  # depth 0: tokens as embedded
+    dropping = plain.clone(patch_dropout=0.5)
+    params = plain.init(jax.random.key(int(rng.integers(1000))), images)
+    every = np.asarray(plain.apply(params, images).tokens)
+    np.testing.assert_array_equal(dropping.apply(params, images).tokens, every)  # evaluation: all
+    subsets = []
+    for seed in (1, 2):
+        output = dropping.apply(params, images, deterministic=False, rngs={"dropout": jax.random.key(seed)})
+        tokens = np.asarray(output.tokens)
+        first = int(pool == "cls")
+        assert tokens.shape == (6, first + 8, 8)
+        np.testing.assert_array_equal(tokens[:, :first], every[:, :first])  # the class token stays
+        for example in range(6):  # each kept token is one of the image's, each once, in order
+            matches = [int(np.flatnonzero((every[example, first:] == row).all(axis=1))[0])
+                       for row in tokens[example, first:]]
+            assert matches == sorted(set(matches))
+            subsets.append(tuple(matches))
+        if pool == "gap":
+            np.testing.assert_allclose(output.pooled, tokens.mean(axis=1), rtol=1e-6)
+    assert len(set(subsets)) > 6  # other patches for other images and other draws
+    assert vit_module.patch_embedding_flops({"patch_size": 4, "width": 8, "pool": pool,
+                                             "patch_dropout": 0.5}, (16, 16))[1] == 8 + (pool == "cls")
 
 
 @pytest.mark.parametrize(

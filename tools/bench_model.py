@@ -12,6 +12,7 @@ mesh, float32, no remat, no scan) or, in the last rows, several at once:
     scan                 model.scan_layers=True: one lax.scan over the stacked blocks
     scan_remat_full      scan + remat_full (XLA:CPU drops the memory saving of remat without scan)
     bf16                 model.compute_dtype="bfloat16" (float32 parameters and optimizer state)
+    patch_dropout        model.image.patch_dropout=0.5 (FLIP): the image tower trains on half its patches
     combined             fsdp + remat_full + scan + bf16
 
 Per row it reports:
@@ -88,6 +89,7 @@ def row_overrides(num_devices: int) -> dict[str, dict]:
         "scan": scan,
         "scan_remat_full": {**scan, **remat_full},
         "bf16": bf16,
+        "patch_dropout": {"model.image.patch_dropout": 0.5},
         "combined": {**fsdp_all, **remat_full, **scan, **bf16},
     }
     if num_devices < 4:  # a 2-D mesh needs data=2 and fsdp >= 2

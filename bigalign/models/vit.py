@@ -5,18 +5,38 @@ positions -> pre-LN Transformer -> tokens [B, T, width] -> one vector per image 
 `gap` (mean of patch tokens), `cls` (a prepended class token) or `map`
 (attention pooling, as in SigLIP). Nothing here is specific to photographs:
 `audio.AudioTransformer` runs the same module on spectrograms.
+
+Patch dropout (FLIP, Li et al. 2023; open_clip's `patch_dropout`): in training, each
+example keeps a random `1 - patch_dropout` fraction of its patch tokens (after the
+position embedding, so each kept token still knows where it came from); evaluation
+sees them all. At 0.5 the Transformer runs on half the tokens: about twice the
+images per second, at a small cost in accuracy that a short unmasked tuning recovers.
 """
 
 from typing import Union
 
 import flax.linen as nn
+import jax
 import jax.numpy as jnp
 
 from bigalign.models.encoders import ENCODERS, EncoderKind, EncoderOutput
 from bigalign.models.transformer import AttentionPool, Dtype, partitioned, tower_encoder
-from bigalign.schema import Integer, Key
+from bigalign.schema import Integer, Key, Number
 
 POOLINGS = ("gap", "cls", "map")
+
+
+def kept_patches(count: int, rate: float) -> int:
+    """How many of `count` patches an example keeps when a `rate` fraction is dropped."""
+    return max(1, round(count * (1 - rate)))
+
+
+def drop_patches(tokens, rate: float, rng):
+    """A random kept_patches(T, rate) of each example's tokens [B, T, W], in their order."""
+    batch, count, _ = tokens.shape
+    scores = jax.random.uniform(rng, (batch, count))
+    kept = jnp.sort(jax.lax.top_k(scores, kept_patches(count, rate))[1], axis=1)
+    return jnp.take_along_axis(tokens, kept[:, :, None], axis=1)
 
 
 def normalise_pixels(pixels):
@@ -33,6 +53,7 @@ class VisionTransformer(nn.Module):
     num_heads: int
     mlp_dim: int
     pool: str = "gap"
+    patch_dropout: float = 0.0  # fraction of patch tokens dropped per example in training
     dropout_rate: float = 0.0
     dtype: Dtype = jnp.float32
     remat: str = "none"
@@ -69,6 +90,8 @@ class VisionTransformer(nn.Module):
             (1, rows * cols, width),
         )
         x = x + positions.astype(self.dtype)
+        if self.patch_dropout and not deterministic:
+            x = drop_patches(x, self.patch_dropout, self.make_rng("dropout"))
         if self.pool == "cls":
             cls = self.param(
                 "cls_token", partitioned(nn.initializers.zeros, None, None, "embed"), (1, 1, width)
@@ -90,10 +113,13 @@ def patch_embedding_flops(tower, input_shape, channels: int = 3) -> tuple[int, i
     patch_rows, patch_cols = (patch, patch) if isinstance(patch, int) else patch
     patches = (rows // patch_rows) * (cols // patch_cols)
     macs = patches * patch_rows * patch_cols * channels * tower["width"]
-    return macs, patches + (tower["pool"] == "cls")
+    kept = kept_patches(patches, tower.get("patch_dropout", 0.0))  # in training
+    return macs, kept + (tower["pool"] == "cls")
 
 
 ENCODERS.register("vit", EncoderKind(
-    VisionTransformer, options=dict(patch_size=Key(4, Integer(low=1)), pool="gap"), poolings=POOLINGS,
-    embedding_flops=patch_embedding_flops,
+    VisionTransformer,
+    options=dict(patch_size=Key(4, Integer(low=1)), pool="gap",
+                 patch_dropout=Key(0.0, Number(low=0, below=1))),  # FLIP; 0.5 halves the tokens
+    poolings=POOLINGS, embedding_flops=patch_embedding_flops,
 ))
