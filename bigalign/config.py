@@ -275,8 +275,10 @@ def _validate_pairs(config, require) -> None:
 RUN_DEFINING = ("seed", "batch_size", "text.", "model.", "data.name", "data.train_split",
                 "data.seed", "data.num_train", "data.image_size", "data.audio.",
                 "data.num_workers", "imports")
-# ... except these, which change how the same model is computed or started.
+# ... except these, which change how the same model is computed or started (and a
+# tower's init_from and patch_dropout: FLIP tunes without the mask at the end).
 HARMLESS_MODEL_KEYS = ("model.remat", "model.compute_dtype", "model.dropout_rate")
+HARMLESS_TOWER_KEYS = (".init_from", ".patch_dropout")
 
 
 def _flat(config) -> dict:
@@ -333,7 +335,7 @@ def check_resume(saved, config, workdir: str) -> list[str]:
         if before == after:
             continue
         defining = key.startswith(RUN_DEFINING) and not (
-            key in HARMLESS_MODEL_KEYS or key.endswith(".init_from")
+            key in HARMLESS_MODEL_KEYS or key.endswith(HARMLESS_TOWER_KEYS)
         )
         if defining:
             raise UserError(

@@ -87,9 +87,11 @@ def test_resuming_with_harmless_changes_says_what_changed(trained, tmp_path, cap
     shutil.copytree(workdir, copy)
     changed = config_lib.load_saved(str(copy))
     changed.log_every, changed.total_steps = 2, 22  # two more steps
+    changed.model.image.patch_dropout = 0.25  # FLIP: masked, then (here: the other way) not
     train.train_and_evaluate(changed, str(copy))
     out = capsys.readouterr().out
-    assert "Config changed since the run started: log_every: 5 -> 2; total_steps: 20 -> 22" in out
+    assert ("Config changed since the run started: log_every: 5 -> 2; model.image.patch_dropout: "
+            "0.0 -> 0.25; total_steps: 20 -> 22") in out
     assert bigalign.load(str(copy)).step == 22 and config_lib.load_saved(str(copy)).total_steps == 22
 
 
