@@ -10,7 +10,8 @@ the trainer's evaluation would have. Python: `evaluate_run(workdir, step, overri
 
 import sys
 
-from bigalign import api, config as config_lib, distributed, evaluators, workdir as workdir_lib
+from bigalign import api, config as config_lib, distributed, evaluators, train
+from bigalign import workdir as workdir_lib
 from bigalign.errors import UserError
 from bigalign.metrics import MetricLogger, format_table
 
@@ -32,15 +33,6 @@ def evaluate_run(workdir: str, step: int | None = None, config=None) -> tuple[in
     return model.step, results
 
 
-def _workdir_of(argv) -> str | None:
-    for i, arg in enumerate(argv):
-        if arg.startswith("--workdir="):
-            return arg.split("=", 1)[1]
-        if arg == "--workdir" and i + 1 < len(argv):
-            return argv[i + 1]
-    return None
-
-
 def main(argv=None) -> None:
     """The command line: the saved config becomes the `--config` flag's default, so
     `--config.key=value` overrides it."""
@@ -48,7 +40,7 @@ def main(argv=None) -> None:
     from ml_collections import config_flags
 
     argv = sys.argv if argv is None else argv
-    workdir = _workdir_of(argv[1:])
+    workdir = train.flag_value(argv[1:], "workdir")
     if workdir is None:
         sys.exit("bigalign: error: --workdir is required: the run to evaluate")
     try:

@@ -215,14 +215,20 @@ def parse_flags(argv, flag_values=None):
         sys.exit(f"bigalign: error in a --config override: {message}")
 
 
+def flag_value(argv, name: str) -> str | None:
+    """The value of `--name=VALUE` or `--name VALUE` in argv, before flags are parsed; or None."""
+    for i, arg in enumerate(argv):
+        if arg.startswith(f"--{name}="):
+            return arg.split("=", 1)[1]
+        if arg == f"--{name}" and i + 1 < len(argv):
+            return argv[i + 1]
+    return None
+
+
 def _config_path(argv) -> str | None:
     """The file of `--config FILE[:ARGS]` in argv, or None."""
-    for i, arg in enumerate(argv):
-        if arg.startswith("--config="):
-            return arg.split("=", 1)[1].split(":", 1)[0]
-        if arg == "--config" and i + 1 < len(argv):
-            return argv[i + 1].split(":", 1)[0]
-    return None
+    value = flag_value(argv, "config")
+    return None if value is None else value.split(":", 1)[0]
 
 
 def _line_in(error: BaseException, path: str | None) -> int | None:

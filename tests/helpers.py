@@ -1,5 +1,7 @@
 """Helpers shared by the tests: the model and state on a mesh, tree comparison, seeds, jaxprs."""
 
+import types
+
 import jax
 import jax.extend
 import jax.numpy as jnp
@@ -209,3 +211,24 @@ def recomputed_metrics(workdir) -> dict:
                 train.embeddings[modality].astype(np.float64), train.labels, values,
                 labelled.labels, len(labelled.class_names), linear_probe.L2_REGS)
     return metrics
+
+
+def held_out_run(data_config, tokenizer, *, max_len: int, batch_size: int):
+    """What held_out.embed_set reads of a run: config.data, config.eval.batch_size,
+    config.text.max_len and the tokenizer."""
+    config = types.SimpleNamespace(data=data_config,
+                                   eval=types.SimpleNamespace(batch_size=batch_size),
+                                   text=types.SimpleNamespace(max_len=max_len))
+    return types.SimpleNamespace(config=config, tokenizer=tokenizer)
+
+
+class PreparedInputs:
+    """An `embed` for held_out.embed_set whose embeddings are the prepared inputs
+    themselves, flattened to float32 rows; records each call's (batch, dtype, shape)."""
+
+    def __init__(self):
+        self.calls = {}
+
+    def __call__(self, modality: str, inputs: np.ndarray) -> np.ndarray:
+        self.calls.setdefault(modality, []).append((len(inputs), inputs.dtype, inputs.shape[1:]))
+        return inputs.reshape(len(inputs), -1).astype(np.float32)

@@ -1,6 +1,5 @@
 """Tests for bigalign.data.pipeline on the shapes data: batches, augmentation, sharding, resume, eval."""
 
-import types
 
 import grain
 import numpy as np
@@ -10,7 +9,7 @@ import pytest
 from bigalign.modalities import audio as audio_modality
 from bigalign.data import held_out, pipeline, synthetic
 from bigalign.errors import UserError
-from helpers import random_seed, write_image_folder
+from helpers import PreparedInputs, held_out_run, random_seed, write_image_folder
 
 
 # --- pipelines --------------------------------------------------------------------
@@ -22,27 +21,6 @@ def small_config(**overrides):
     config.seed = random_seed()
     config.update(overrides)
     return config
-
-
-def held_out_run(data_config, tokenizer, *, max_len: int, batch_size: int = 250):
-    """What held_out.embed_set reads of a run: config.data, config.eval.batch_size,
-    config.text.max_len and the tokenizer."""
-    config = types.SimpleNamespace(data=data_config,
-                                   eval=types.SimpleNamespace(batch_size=batch_size),
-                                   text=types.SimpleNamespace(max_len=max_len))
-    return types.SimpleNamespace(config=config, tokenizer=tokenizer)
-
-
-class PreparedInputs:
-    """An `embed` for held_out.embed_set whose embeddings are the prepared inputs
-    themselves, flattened to float32 rows; records each call's (batch, dtype, shape)."""
-
-    def __init__(self):
-        self.calls = {}
-
-    def __call__(self, modality: str, inputs: np.ndarray) -> np.ndarray:
-        self.calls.setdefault(modality, []).append((len(inputs), inputs.dtype, inputs.shape[1:]))
-        return inputs.reshape(len(inputs), -1).astype(np.float32)
 
 
 def take(iterator, count: int) -> list[dict]:
@@ -108,7 +86,7 @@ def test_image_text_pipelines_do_not_synthesise_sounds(tokenizer, monkeypatch):
     config = small_config()
     dataset = pipeline.train_dataset(config, tokenizer, max_len=12, global_batch_size=8, seed=1)
     assert next(iter(dataset)).keys() == {"image", "text", "skipped"}
-    run = held_out_run(config, tokenizer, max_len=12)
+    run = held_out_run(config, tokenizer, max_len=12, batch_size=250)
     pairs = held_out.embed_set(run, PreparedInputs(), "shapes", config.eval_split,
                                modalities=("image", "text"))
     assert pairs.embeddings.keys() == {"image", "text"}
@@ -131,7 +109,7 @@ def test_unknown_modality_is_a_one_line_error(tokenizer):
                                 ((), "no modalities")):
         expected = f"{problem} for the held-out set pairs='shapes'; valid: image, text, audio"
         with pytest.raises(UserError, match=expected):
-            held_out.embed_set(held_out_run(config, tokenizer, max_len=8), PreparedInputs(), "shapes",
+            held_out.embed_set(held_out_run(config, tokenizer, max_len=8, batch_size=250), PreparedInputs(), "shapes",
                                config.eval_split, modalities=modalities)
 
 

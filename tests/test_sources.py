@@ -1,7 +1,6 @@
 """Tests for real-data sources (CSV, tfds, ArrayRecord) through the pipeline, and skipping bad files."""
 
 import os
-import types
 
 import numpy as np
 import pytest
@@ -14,7 +13,7 @@ from bigalign.data import (array_record, held_out, images, pipeline, skipping, s
 from bigalign.data.csv_source import CsvSource
 from bigalign.data.tfds_source import TfdsSource
 from bigalign.errors import UserError
-from helpers import random_seed, write_image_folder, write_sound_folder
+from helpers import PreparedInputs, held_out_run, random_seed, write_image_folder, write_sound_folder
 
 
 def csv_config(index: str, **overrides):
@@ -24,25 +23,12 @@ def csv_config(index: str, **overrides):
     return config
 
 
-def held_out_run(data_config, tokenizer, *, max_len: int = 12, batch_size: int = 5):
-    """What held_out.embed_set reads of a run: config.data, config.eval.batch_size,
-    config.text.max_len and the tokenizer."""
-    config = types.SimpleNamespace(data=data_config,
-                                   eval=types.SimpleNamespace(batch_size=batch_size),
-                                   text=types.SimpleNamespace(max_len=max_len))
-    return types.SimpleNamespace(config=config, tokenizer=tokenizer)
-
-
-def prepared_inputs(modality: str, inputs: np.ndarray) -> np.ndarray:
-    """An `embed` for held_out.embed_set: the prepared inputs themselves, one float32 row each."""
-    return inputs.reshape(len(inputs), -1).astype(np.float32)
-
-
 def held_out_inputs(data_config, tokenizer, spec: str, split: str, *, modalities=("image", "text"),
                     role: str = "pairs") -> tuple[held_out.EmbeddedSet, dict]:
-    """The held-out set `spec` embedded with `prepared_inputs`, and its prepared inputs
+    """The held-out set `spec` embedded with `PreparedInputs`, and its prepared inputs
     {modality: [N, ...]} (text: the caption tokens)."""
-    embedded = held_out.embed_set(held_out_run(data_config, tokenizer), prepared_inputs, spec,
+    embedded = held_out.embed_set(held_out_run(data_config, tokenizer, max_len=12, batch_size=5),
+                                  PreparedInputs(), spec,
                                   split, modalities=modalities, role=role)
     inputs = {m: values.reshape(len(values), *modalities_lib.get(m).input_shape(data_config, 12))
               for m, values in embedded.embeddings.items()}

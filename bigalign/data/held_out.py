@@ -61,8 +61,7 @@ class _AllCaptions(grain.transforms.Map):
     def map(self, example: dict) -> dict:
         if "caption" not in example or "error" in example:
             return example
-        captions = example["caption"]
-        return {**example, "captions": [captions] if isinstance(captions, str) else list(captions)}
+        return {**example, "captions": pipeline.captions_of(example)}
 
 
 def _examples(data_config, source, spec: str, *, limit: int, all_captions: bool):

@@ -143,7 +143,8 @@ def input_shapes(data_config, *, max_len: int) -> dict:
     return {m: modalities_lib.get(m).input_shape(data_config, max_len) for m in provided}
 
 
-def _captions(example: dict) -> list[str]:
+def captions_of(example: dict) -> list[str]:
+    """A raw example's captions as a list (its "caption" may be one string)."""
     captions = example["caption"]
     return [captions] if isinstance(captions, str) else list(captions)
 
@@ -170,7 +171,7 @@ class _View:
             return example
         view = {key: example[key] for key in ("origin", "label", "captions") if key in example}
         if "caption" in example:
-            captions = _captions(example)
+            captions = captions_of(example)
             if not captions:
                 return _unreadable(example, "no caption")
             pick = int(rng.integers(len(captions))) if rng is not None else 0
@@ -217,7 +218,7 @@ def tokenizer_corpus(data_config) -> list[str]:
         texts = source.captions()
     else:
         stride = max(1, len(source) // TOKENIZER_CORPUS_EXAMPLES)
-        texts = [text for i in range(0, len(source), stride) for text in _captions(source[i])]
+        texts = [text for i in range(0, len(source), stride) for text in captions_of(source[i])]
     if data_config.zeroshot_name:
         names = sources.class_names(sources.open_zeroshot(data_config, data_config.zeroshot_name))
         texts += [t.format(n) for n in names for t in sources.prompts(data_config)]
