@@ -47,9 +47,10 @@ def test_recall_with_several_captions_per_image_matches_a_loop(mesh):
     image_x, text_x = unit(rng, images, 8), unit(rng, len(owner), 8)
     tokens = rng.integers(0, 1000, size=(len(owner), 5))  # distinct captions
     text_keys, image_keys = retrieval.caption_keys(owner, tokens, images, "owner")
+    # Ranked once to the deepest k, as the evaluator does; recall@k reads the first k.
+    i2t = retrieval.hits(ranking.top_k(image_x, text_x, 10, mesh), image_keys, text_keys)
+    t2i = retrieval.hits(ranking.top_k(text_x, image_x, 10, mesh), text_keys, image_keys)
     for k in (1, 3, 10):
-        i2t = retrieval.hits(ranking.top_k(image_x, text_x, k, mesh), image_keys, text_keys)
-        t2i = retrieval.hits(ranking.top_k(text_x, image_x, k, mesh), text_keys, image_keys)
         expected_i2t = np.mean([
             any(owner[t] == i for t in np.argsort(-(image_x[i] @ text_x.T), kind="stable")[:k])
             for i in range(images)])
@@ -67,14 +68,32 @@ def test_identical_captions_count_as_hits(mesh):
     tokens = rng.integers(0, 6, size=(n, 1))  # 6 distinct captions, repeated
     image_x, text_x = unit(rng, n, 8), unit(rng, n, 8)
     text_keys, image_keys = retrieval.caption_keys(owner, tokens, n, "identical")
+    hit = retrieval.hits(ranking.top_k(image_x, text_x, 5, mesh), image_keys, text_keys)
     for k in (1, 5):
-        hit = retrieval.hits(ranking.top_k(image_x, text_x, k, mesh), image_keys, text_keys)
         expected = np.mean([
             any((tokens[t] == tokens[i]).all() for t in np.argsort(-(image_x[i] @ text_x.T), kind="stable")[:k])
             for i in range(n)])
         assert retrieval.recall_at_k(hit, k) == expected
+    # Several captions per image, repeated across images: an image is a hit for any caption
+    # identical to one of its own, a caption for any image that has an identical one.
+    owner = np.sort(np.concatenate([np.arange(n), rng.integers(0, n, size=30)]))
+    tokens = rng.integers(0, 12, size=(len(owner), 1))
+    text_x = unit(rng, len(owner), 8)
+    text_keys, image_keys = retrieval.caption_keys(owner, tokens, n, "identical")
+    own = [{int(tokens[t, 0]) for t in np.flatnonzero(owner == i)} for i in range(n)]
+    i2t = retrieval.hits(ranking.top_k(image_x, text_x, 5, mesh), image_keys, text_keys)
+    t2i = retrieval.hits(ranking.top_k(text_x, image_x, 5, mesh), text_keys, image_keys)
+    for k in (1, 5):
+        expected_i2t = np.mean([
+            any(int(tokens[t, 0]) in own[i] for t in np.argsort(-(image_x[i] @ text_x.T), kind="stable")[:k])
+            for i in range(n)])
+        expected_t2i = np.mean([
+            any(int(tokens[t, 0]) in own[i] for i in np.argsort(-(text_x[t] @ image_x.T), kind="stable")[:k])
+            for t in range(len(owner))])
+        assert retrieval.recall_at_k(i2t, k) == expected_i2t
+        assert retrieval.recall_at_k(t2i, k) == expected_t2i
     # Identical embeddings retrieve themselves: perfect recall@1 both ways.
-    keys_owner = retrieval.caption_keys(owner, tokens, n, "owner")
+    keys_owner = retrieval.caption_keys(np.arange(n), tokens[:n], n, "owner")
     assert retrieval.recall_at_k(retrieval.hits(ranking.top_k(image_x, image_x, 1, mesh),
                                                 keys_owner[1], keys_owner[0]), 1) == 1.0
 

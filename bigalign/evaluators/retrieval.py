@@ -37,11 +37,10 @@ def recall_at_k(hit: np.ndarray, k: int) -> float:
 
 def caption_keys(owner: np.ndarray, tokens: np.ndarray, count: int, match: str):
     """(keys of each caption [T, 1], keys of each example [N, K]) under `match`."""
-    if match == "identical":
-        _, key = np.unique(tokens, axis=0, return_inverse=True)
-        key = key.reshape(-1)
-    else:
-        key = np.arange(len(owner))
+    if match == "owner":  # a caption's key is its example: one key each
+        return owner[:, None], np.arange(count)[:, None]
+    _, key = np.unique(tokens, axis=0, return_inverse=True)
+    key = key.reshape(-1)  # the same for identical captions; an example has its captions'
     per_example = [[] for _ in range(count)]
     for caption, example in enumerate(owner):
         per_example[example].append(key[caption])
