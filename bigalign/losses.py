@@ -13,9 +13,11 @@ Variants (``NAMES``), with what each device must hold at once:
 
 - ``"softmax"``: CLIP symmetric InfoNCE,
   L = 1/2 [ mean_i CE(row i, target i) + mean_j CE(column j, target j) ].
-  All-gathers x and y ([B, D] each) and builds its [b, B] slices of the logits for
-  both directions; autodiff through ``all_gather`` gives every device the gradient
-  of the global loss (unlike a local loss without gathered gradients).
+  All-gathers y ([B, D]) and builds its [b, B] rows of the logits once: their
+  row log-sum-exps are its rows' terms, and their column log-sum-exps, combined
+  over devices ([B] floats each), give every column's term, so no logit is formed
+  twice. Autodiff through ``all_gather`` gives every device the gradient of the
+  global loss (unlike a local loss without gathered gradients).
   Memory O(b * B) per device, i.e. it grows with the global batch.
 - ``"softmax_tiled"``: the same value, block by block (as in Inf-CL). Each device
   keeps its x block; y blocks travel around the ring with ``ppermute``, each one
@@ -105,6 +107,14 @@ def _gather(block, axis):  # [b, ...] -> [B, ...]
     return block if axis is None else lax.all_gather(block, axis, tiled=True)
 
 
+def _logsumexp_over_devices(partial, axis):
+    """log sum_devices exp(partial): combines per-device log-sum-exps stably."""
+    if axis is None:
+        return partial
+    peak = lax.pmax(lax.stop_gradient(partial), axis)
+    return peak + jnp.log(lax.psum(jnp.exp(partial - peak), axis))
+
+
 def _fresh(value, axis):
     """Marks a freshly created loop carry as a per-device value, so that loop carry
     types stay fixed once per-device data has flowed into them."""
@@ -153,13 +163,15 @@ def _logits(x, y, scale, bias):  # [b, D], [t, D] -> [b, t]
 
 
 def _softmax_gathered_body(x, y, scale, bias, *, axis):
-    x_all, y_all = _gather(x, axis), _gather(y, axis)  # [B, D]
+    # One [b, B] block of logits serves both directions: its rows are this device's
+    # rows of s, and its columns hold this device's share of every column's sum.
+    y_all = _gather(y, axis)  # [B, D]
     positives = scale * jnp.sum(x * y, axis=-1) + bias  # [b]
-    row_logits = _logits(x, y_all, scale, bias)  # [b, B]: this device's rows of s
-    col_logits = _logits(y, x_all, scale, bias)  # [b, B]: its columns of s, transposed
-    row_ce = jax.nn.logsumexp(row_logits, axis=1) - positives
-    col_ce = jax.nn.logsumexp(col_logits, axis=1) - positives
-    return _psum(jnp.sum(row_ce) + jnp.sum(col_ce), axis) / (2 * x_all.shape[0])
+    logits = _logits(x, y_all, scale, bias)  # [b, B]
+    row_lse = jax.nn.logsumexp(logits, axis=1)  # [b]
+    col_lse = _logsumexp_over_devices(jax.nn.logsumexp(logits, axis=0), axis)  # [B]
+    local = jnp.sum(row_lse) - 2 * jnp.sum(positives)  # the diagonal counts once per direction
+    return (_psum(local, axis) + jnp.sum(col_lse)) / (2 * y_all.shape[0])
 
 
 def _sigmoid_gathered_body(x, y, scale, bias, *, axis):
@@ -404,11 +416,8 @@ def _uniformity_body(x, t, *, axis):
     sq_dist = jnp.maximum(sq_dist, 0.0)
     is_self = jnp.arange(total)[None, :] == first_row + jnp.arange(local)[:, None]
     exponents = jnp.where(is_self, -jnp.inf, -t * sq_dist)
-    local_lse = jax.nn.logsumexp(exponents)
-    if axis is not None:  # log-sum-exp of the per-device log-sum-exps, stably
-        peak = lax.stop_gradient(lax.pmax(local_lse, axis))
-        local_lse = peak + jnp.log(lax.psum(jnp.exp(local_lse - peak), axis))
-    return local_lse - math.log(total * (total - 1))
+    lse = _logsumexp_over_devices(jax.nn.logsumexp(exponents), axis)
+    return lse - math.log(total * (total - 1))
 
 
 def uniformity(x, t=2, *, mesh=None, axis="data"):
