@@ -13,7 +13,7 @@ import pytest
 from bigalign.models import audio, sizes, towers, vit as vit_module
 from bigalign.models.text import TextTransformer
 from bigalign.models.towers import ContrastiveModel
-from bigalign.models.transformer import REMAT_POLICIES
+from bigalign.models.transformer import REMAT_POLICIES, MultiHeadAttention
 from bigalign.models.vit import VisionTransformer
 from helpers import KEY_BIASES, assert_trees_close, dtypes, equations, random_seed
 
@@ -128,6 +128,46 @@ def test_causal_text_tower_first_token_sees_only_itself(text_params):
     first, sequence = apply({"params": text_params}, tokens)
     np.testing.assert_allclose(first, sequence[:, 0], rtol=1e-6)  # "first" pools token 0
     np.testing.assert_allclose(first, apply({"params": text_params}, changed).pooled, rtol=1e-5)
+
+
+def numpy_attention(params, x, kv, num_heads, causal, key_lengths):
+    """Multi-head attention written out in float64 NumPy, from the parameters alone."""
+    def project(name, inputs):  # [B, T, W] -> [B, T, heads, kv]
+        p = params[name]
+        return np.einsum("btw,whk->bthk", inputs, p["kernel"]) + p["bias"]
+
+    q, k, v = project("query", x), project("key", kv), project("value", kv)
+    logits = np.einsum("bqhd,bkhd->bhqk", q, k) / np.sqrt(q.shape[-1])
+    queries, keys = np.arange(x.shape[1])[:, None], np.arange(kv.shape[1])[None, :]
+    allowed = np.ones((x.shape[0], 1, x.shape[1], kv.shape[1]), bool)
+    if causal:
+        allowed &= keys <= queries
+    if key_lengths is not None:
+        allowed &= keys < np.asarray(key_lengths)[:, None, None, None]
+    logits = np.where(allowed, logits, -np.inf)
+    weights = np.exp(logits - logits.max(-1, keepdims=True))
+    weights /= weights.sum(-1, keepdims=True)
+    y = np.einsum("bhqk,bkhd->bqhd", weights, v)
+    return np.einsum("bthk,hkw->btw", y, params["out"]["kernel"]) + params["out"]["bias"]
+
+
+@pytest.mark.parametrize("causal,with_lengths", [(False, False), (True, False), (False, True),
+                                                 (True, True)])
+def test_attention_matches_numpy(causal, with_lengths):
+    """Self-attention with causal and key-padding masks, against the formula: what
+    jax.nn.dot_product_attention computes here must be what the towers mean."""
+    seed = random_seed()
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal((3, 7, 16)).astype(np.float32)
+    lengths = jnp.asarray([7, 4, 1]) if with_lengths else None
+    attention = MultiHeadAttention(num_heads=2, causal=causal)
+    params = nn.unbox(attention.init(jax.random.key(seed % 2**31), x, x)["params"])
+    params = jax.tree.map(lambda a: a + 0.3 * jax.random.normal(jax.random.key(1), a.shape), params)
+    got = jax.jit(attention.apply)({"params": params}, x, x, lengths)
+    as_numpy = jax.tree.map(lambda a: np.asarray(a, np.float64), params)
+    expected = numpy_attention(as_numpy, x.astype(np.float64), x.astype(np.float64), 2, causal,
+                               lengths)
+    np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-5, err_msg=f"seed {seed}")
 
 
 def small_towers(kinds=("vit", "text", "audio"), **shared):

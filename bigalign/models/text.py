@@ -1,7 +1,8 @@
 """Transformer text tower (as in CLIP).
 
 token ids [B, L] (0 = padding) -> token embedding + learned positions ->
-pre-LN Transformer (causal or bidirectional, padding masked out) -> tokens
+pre-LN Transformer (causal or bidirectional; the padding after each text's tokens is
+never attended to) -> tokens
 [B, L, width] -> one vector per text [B, width], pooled at the last real token (`last`, the EOS
 token the tokenizer appends), the first token (`first`), or by attention
 pooling (`map`).
@@ -50,18 +51,16 @@ class TextTransformer(nn.Module):
             (1, self.max_len, self.width),
         )
         x = x + positions[:, :length].astype(self.dtype)
-        mask = nn.make_attention_mask(is_token, is_token)  # [B, 1, L, L]
-        if self.causal:
-            mask = nn.combine_masks(mask, nn.make_causal_mask(tokens))
-        x = tower_encoder(self)(x, mask, deterministic=deterministic)  # [B, L, W]
+        lengths = is_token.sum(axis=1)  # [B]: the tokenizer pads at the end
+        x = tower_encoder(self)(x, lengths, deterministic=deterministic)  # [B, L, W]
         if self.pool == "first":
             return EncoderOutput(x[:, 0], x)
         if self.pool == "map":
             pooled = AttentionPool(self.num_heads, self.mlp_dim, self.dtype, name="map_head")(
-                x, mask=is_token[:, None, None, :]
+                x, lengths
             )
             return EncoderOutput(pooled, x)
-        last = jnp.maximum(is_token.sum(axis=1) - 1, 0)  # index of the EOS token, [B]
+        last = jnp.maximum(lengths - 1, 0)  # index of the EOS token, [B]
         return EncoderOutput(x[jnp.arange(batch), last], x)
 
 

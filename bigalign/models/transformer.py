@@ -70,16 +70,30 @@ class AttentionProjection(nn.Module):
         return jnp.einsum(self.equation, x, kernel) + bias
 
 
+def attention_implementation(dtype) -> str:
+    """`jax.nn.dot_product_attention`'s implementation for this platform and dtype:
+    cuDNN's fused (flash) kernel on NVIDIA GPUs in bf16/fp16, which never materialises
+    the [B, heads, T, T] weights; XLA elsewhere (TPU fuses it itself; CPU; float32)."""
+    half = jnp.dtype(dtype) in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
+    return "cudnn" if half and jax.default_backend() == "gpu" else "xla"
+
+
 class MultiHeadAttention(nn.Module):
     """Multi-head dot-product attention, parameters laid out as flax's MultiHeadDotProductAttention:
-    query/key/value kernels [W, heads, kv] with [heads, kv] biases, out kernel [heads, kv, W]."""
+    query/key/value kernels [W, heads, kv] with [heads, kv] biases, out kernel [heads, kv, W].
+
+    `causal`: each query sees the keys at or before its position. `key_lengths` [B]:
+    each example's keys past its length are padding and are not attended to. The
+    softmax is float32 and weights x values runs in the compute dtype, on every path.
+    """
 
     num_heads: int
     dtype: Dtype = jnp.float32
+    causal: bool = False
 
     @nn.compact
-    def __call__(self, inputs_q, inputs_kv, mask=None):
-        # inputs_q: [B, Tq, W]; inputs_kv: [B, Tk, W]; mask: [B, 1, Tq, Tk] (True = may attend) or None.
+    def __call__(self, inputs_q, inputs_kv, key_lengths=None):
+        # inputs_q: [B, Tq, W]; inputs_kv: [B, Tk, W]; key_lengths: [B] int32 or None.
         width = inputs_q.shape[-1]
         heads = (self.num_heads, width // self.num_heads)
 
@@ -96,16 +110,10 @@ class MultiHeadAttention(nn.Module):
 
         query = split_heads("query", inputs_q)
         key, value = split_heads("key", inputs_kv), split_heads("value", inputs_kv)
-        weights = nn.dot_product_attention_weights(
-            query,
-            key,
-            mask=mask,
-            dtype=self.dtype,
-            force_fp32_for_softmax=True,  # a bfloat16 softmax over long rows loses too much
-        )  # [B, heads, Tq, Tk], float32
-        # Back to the compute dtype, so weights x values is a bf16 matmul too (flax's
-        # dot_product_attention leaves it float32 x bf16).
-        y = jnp.einsum("...hqk,...khd->...qhd", weights.astype(self.dtype), value)  # [B, Tq, heads, kv]
+        y = jax.nn.dot_product_attention(
+            query, key, value, is_causal=self.causal, key_value_seq_lengths=key_lengths,
+            implementation=attention_implementation(self.dtype),
+        )  # [B, Tq, heads, kv]
         return AttentionProjection(
             equation="bthk,hkw->btw",
             kernel_shape=(*heads, width),
@@ -159,13 +167,15 @@ class EncoderBlock(nn.Module):
     mlp_dim: int
     dropout_rate: float = 0.0
     dtype: Dtype = jnp.float32
+    causal: bool = False
     deterministic: bool = True
 
     @nn.compact
-    def __call__(self, x, mask: Optional[jnp.ndarray]):
-        # x: [B, T, W]; mask: [B, 1, T, T] booleans (True = may attend) or None.
+    def __call__(self, x, key_lengths: Optional[jnp.ndarray]):
+        # x: [B, T, W]; key_lengths: [B] (the rest of each row is padding) or None.
         y = layer_norm(self.dtype, "ln_attention")(x)
-        y = MultiHeadAttention(self.num_heads, self.dtype, name="attention")(y, y, mask)
+        y = MultiHeadAttention(self.num_heads, self.dtype, self.causal, name="attention")(
+            y, y, key_lengths)
         y = nn.Dropout(self.dropout_rate)(y, deterministic=self.deterministic)
         x = x + y
         y = layer_norm(self.dtype, "ln_mlp")(x)
@@ -193,10 +203,11 @@ class Encoder(nn.Module):
     dtype: Dtype = jnp.float32
     remat: str = "none"
     scan_layers: bool = False
+    causal: bool = False  # each token attends to itself and the tokens before it
 
     @nn.compact
-    def __call__(self, x, mask=None, *, deterministic: bool = True):
-        # x: [B, T, W] -> [B, T, W]; mask: [B, 1, T, T] or None.
+    def __call__(self, x, key_lengths=None, *, deterministic: bool = True):
+        # x: [B, T, W] -> [B, T, W]; key_lengths: [B] (real tokens, then padding) or None.
         if self.remat not in REMAT_POLICIES:
             raise ValueError(f"unknown remat policy {self.remat!r}; use one of {tuple(REMAT_POLICIES)}")
         block = EncoderBlock
@@ -208,6 +219,7 @@ class Encoder(nn.Module):
             mlp_dim=self.mlp_dim,
             dropout_rate=self.dropout_rate,
             dtype=self.dtype,
+            causal=self.causal,
             deterministic=deterministic,
         )
         if self.scan_layers:
@@ -215,20 +227,21 @@ class Encoder(nn.Module):
                 block,
                 variable_axes={"params": 0},
                 split_rngs={"params": True, "dropout": True},
-                in_axes=nn.broadcast,  # every block sees the same mask
+                in_axes=nn.broadcast,  # every block sees the same key lengths
                 length=self.depth,
                 metadata_params={nn.PARTITION_NAME: "layers"},
             )
-            x, _ = blocks(**settings, name="blocks")(x, mask)
+            x, _ = blocks(**settings, name="blocks")(x, key_lengths)
         else:
             for i in range(self.depth):
-                x, _ = block(**settings, name=f"block{i}")(x, mask)
+                x, _ = block(**settings, name=f"block{i}")(x, key_lengths)
         return layer_norm(self.dtype, "ln_final")(x)
 
 
 def tower_encoder(tower: nn.Module) -> Encoder:
     """The Encoder of a tower module (ViT, text, audio), from its depth, heads, MLP width,
-    dropout, dtype, remat and scan settings; create it inside the tower's compact method."""
+    dropout, dtype, remat and scan settings (and `causal`, if the tower has it); create
+    it inside the tower's compact method."""
     return Encoder(
         tower.depth,
         tower.num_heads,
@@ -237,6 +250,7 @@ def tower_encoder(tower: nn.Module) -> Encoder:
         dtype=tower.dtype,
         remat=tower.remat,
         scan_layers=tower.scan_layers,
+        causal=getattr(tower, "causal", False),
         name="encoder",
     )
 
@@ -249,14 +263,14 @@ class AttentionPool(nn.Module):
     dtype: Dtype = jnp.float32
 
     @nn.compact
-    def __call__(self, x, mask=None):
-        # x: [B, T, W] -> [B, W]; mask: [B, 1, 1, T] or None.
+    def __call__(self, x, key_lengths=None):
+        # x: [B, T, W] -> [B, W]; key_lengths: [B] (real tokens, then padding) or None.
         batch, _, width = x.shape
         probe = self.param(
             "probe", partitioned(nn.initializers.xavier_uniform(), None, None, "embed"), (1, 1, width)
         )
         probe = jnp.broadcast_to(probe, (batch, 1, width)).astype(self.dtype)  # [B, 1, W]
-        pooled = MultiHeadAttention(self.num_heads, self.dtype, name="attention")(probe, x, mask)
+        pooled = MultiHeadAttention(self.num_heads, self.dtype, name="attention")(probe, x, key_lengths)
         y = layer_norm(self.dtype, "ln")(pooled)
         pooled = pooled + MlpBlock(self.mlp_dim, dtype=self.dtype, name="mlp")(y, deterministic=True)
         return pooled[:, 0]
