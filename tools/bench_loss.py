@@ -1,4 +1,4 @@
-"""Benchmark the contrastive losses on a simulated 8-device CPU mesh.
+"""Benchmark the contrastive losses on a simulated 8-device CPU mesh, or on the accelerators.
 
 For every global batch and variant it measures a jitted forward + backward
 (``jax.value_and_grad`` w.r.t. x, y, scale and bias): the per-device temporary
@@ -54,6 +54,19 @@ def _available_gib() -> float:
     return float("inf")
 
 
+def _default_memory_limit_gib() -> float:
+    """85% of free host memory for the simulated CPU devices together; 90% of one
+    accelerator's memory for each of its devices."""
+    if jax.default_backend() == "cpu":
+        return round(0.85 * _available_gib(), 1)
+    return round(0.9 * jax.devices()[0].memory_stats()["bytes_limit"] / 2**30, 1)
+
+
+def _fits(per_device_bytes: int, limit_gib: float) -> bool:
+    devices = DEVICES if jax.default_backend() == "cpu" else 1  # CPU devices share the host
+    return per_device_bytes * devices / 2**30 <= limit_gib
+
+
 def _peak_rss_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
 
@@ -72,7 +85,7 @@ def _inputs(batch, dim, mesh):
 
 def measure_group(names, batch, dim, repeats, tile_size, memory_limit_gib) -> list[dict]:
     """Measures ``names`` (lean first) in this process; returns JSON-able rows."""
-    mesh = jax.make_mesh((DEVICES,), ("data",))
+    mesh = jax.make_mesh((jax.device_count(),), ("data",))
     args = _inputs(batch, dim, mesh)
     rows, runnable = [], {}
     for name in names:
@@ -85,7 +98,7 @@ def measure_group(names, batch, dim, repeats, tile_size, memory_limit_gib) -> li
         row = {"variant": name, "batch": batch, "temp_mib": memory.temp_size_in_bytes / MIB}
         per_device = sum((memory.temp_size_in_bytes, memory.argument_size_in_bytes,
                           memory.output_size_in_bytes))
-        if per_device * DEVICES / 2**30 > memory_limit_gib:
+        if not _fits(per_device, memory_limit_gib):
             rows.append(row | {"status": "OOM/skipped"})
             continue
         jax.block_until_ready(compiled(*args))  # warm-up
@@ -164,8 +177,9 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--tile-size", type=int, default=None,
                         help="logits tile width of the ring variants (default: DEFAULT_TILE)")
-    parser.add_argument("--memory-limit-gib", type=float, default=round(0.85 * _available_gib(), 1),
-                        help="skip variants predicted to need more host memory than this")
+    parser.add_argument("--memory-limit-gib", type=float, default=_default_memory_limit_gib(),
+                        help="skip variants predicted to need more memory than this: all "
+                        "simulated CPU devices together, or one accelerator")
     parser.add_argument("--single", help=argparse.SUPPRESS)  # internal: one group, one batch
     args = parser.parse_args()
     batches = [int(b) for b in args.batch_sizes.split(",")]
@@ -179,7 +193,8 @@ def main() -> None:
     unknown = sorted(set(variants) - set(losses.NAMES))
     if unknown:
         parser.error(f"unknown variants {unknown}; valid: {', '.join(losses.NAMES)}")
-    print(f"# {platform.machine()} CPU, {os.cpu_count()} cores, {DEVICES} simulated devices, "
+    print(f"# {platform.machine()}, {os.cpu_count()} cores, {jax.device_count()} "
+          f"{jax.devices()[0].device_kind} devices, "
           f"D={args.dim}, repeats={args.repeats}, memory limit {args.memory_limit_gib} GiB, "
           f"jax {jax.__version__}, load average {os.getloadavg()[0]:.1f}", file=sys.stderr)
     results = []

@@ -1,0 +1,68 @@
+"""The machine's matmul peak, measured in the same run as the benchmark it is quoted in.
+
+Why: an MFU or a "fraction of peak" is only as honest as its denominator, and a CPU's
+(or a shared machine's) real rate differs from its datasheet; so every benchmark in
+tools/ times a large square matmul on one device itself and reports against that.
+On GPUs and TPUs `published_peak` adds the vendor's dense bf16 number per device.
+"""
+
+import time
+
+import jax
+import jax.numpy as jnp
+
+# Dense (no sparsity) bf16 TFLOP/s per device, from the vendors' datasheets.
+PUBLISHED_BF16_TFLOPS = {
+    "H200": 989.0, "H100": 989.0, "A100": 312.0, "L4": 121.0,
+    "TPU v4": 275.0, "TPU v5 lite": 197.0, "TPU v5e": 197.0, "TPU v5p": 459.0,
+    "TPU v6 lite": 918.0, "TPU v6e": 918.0,
+}
+
+
+def best_seconds(fn, *args, repeats: int) -> float:
+    """The fastest of `repeats` timed calls of a compiled `fn` (after one warm-up)."""
+    jax.block_until_ready(fn(*args))
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        jax.block_until_ready(fn(*args))
+        times.append(time.perf_counter() - start)
+    return min(times)
+
+
+def matmul_rate(m: int, k: int, n: int, dtype=jnp.float32, *, transpose_a: bool = False,
+                repeats: int = 5, device=None) -> float:
+    """FLOP/s of one [m, k] x [k, n] product on `device` (default: the first).
+
+    `transpose_a` stores the left operand as [k, m] and contracts its first axis, the
+    layout of a weight or embedding gradient (G^T @ x), which some backends run slower.
+    """
+    device = device or jax.devices()[0]
+    keys = jax.random.split(jax.random.key(0))
+    a_shape = (k, m) if transpose_a else (m, k)
+    a = jax.device_put(jax.random.normal(keys[0], a_shape, dtype), device)
+    b = jax.device_put(jax.random.normal(keys[1], (k, n), dtype), device)
+    equation = "km,kn->mn" if transpose_a else "mk,kn->mn"
+    product = jax.jit(lambda a, b: jnp.einsum(equation, a, b, preferred_element_type=dtype))
+    return 2 * m * k * n / best_seconds(product, a, b, repeats=repeats)
+
+
+def matmul_peak(dtype=jnp.float32, size: int | None = None, *, repeats: int = 5) -> float:
+    """FLOP/s of a square matmul on one device: 2048 on CPU, 8192 on accelerators."""
+    if size is None:
+        size = 2048 if jax.default_backend() == "cpu" else 8192
+    return matmul_rate(size, size, size, dtype, repeats=repeats)
+
+
+def published_peak(device=None) -> float | None:
+    """The datasheet dense bf16 FLOP/s of `device`, or None (CPUs, unknown kinds)."""
+    kind = (device or jax.devices()[0]).device_kind
+    matches = [name for name in PUBLISHED_BF16_TFLOPS if name.lower() in kind.lower()]
+    return PUBLISHED_BF16_TFLOPS[max(matches, key=len)] * 1e12 if matches else None
+
+
+def describe_peaks(dtypes=(jnp.float32, jnp.bfloat16)) -> dict:
+    """{"float32": FLOP/s, "bfloat16": FLOP/s, "published bf16": FLOP/s or None}, measured now."""
+    peaks = {jnp.dtype(d).name: matmul_peak(d) for d in dtypes}
+    peaks["published bf16"] = published_peak()
+    return peaks
