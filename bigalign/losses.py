@@ -175,13 +175,13 @@ def _softmax_gathered_body(x, y, scale, bias, *, axis):
 
 
 def _sigmoid_gathered_body(x, y, scale, bias, *, axis):
+    # log sigmoid(s) = log sigmoid(-s) + s: every pair scored as a negative, plus the
+    # diagonal logits once, so no [b, B] tensor of signs is built (as the ring variant).
     y_all = _gather(y, axis)  # [B, D]
-    local, total = x.shape[0], y_all.shape[0]
-    first_row = 0 if axis is None else lax.axis_index(axis) * local
     logits = _logits(x, y_all, scale, bias)  # [b, B]
-    is_pair = jnp.arange(total)[None, :] == first_row + jnp.arange(local)[:, None]
-    signs = jnp.where(is_pair, 1.0, -1.0)  # z_ij
-    return -_psum(jnp.sum(jax.nn.log_sigmoid(signs * logits)), axis) / total
+    positives = scale * jnp.sum(x * y, axis=-1) + bias  # [b]
+    local = jnp.sum(jax.nn.log_sigmoid(-logits)) + jnp.sum(positives)
+    return -_psum(local, axis) / y_all.shape[0]
 
 
 def _gathered(body):
