@@ -62,6 +62,22 @@ def step_flops(config, vocab_size: int) -> int:
     )
 
 
+def make_initializer(config, vocab_size: int):
+    """(model, optimizer, init) of a validated config: `init()` makes a boxed TrainState.
+
+    No devices are needed: `build` lays the state out on the mesh, the memory planner
+    (plan.py) counts its shapes.
+    """
+    model = towers.build_model(config.model, vocab_size=vocab_size, max_len=config.text.max_len)
+    optimizer = make_optimizer(config)
+    shapes = pipeline.input_shapes(config.data, max_len=config.text.max_len)
+    example = {
+        name: jnp.ones((1, *shapes[name]), modalities_lib.get(name).dtype)
+        for name in towers.tower_names(config.model)
+    }
+    return model, optimizer, step.initializer(config, model, optimizer, example)
+
+
 @dataclasses.dataclass
 class Run:
     """A built run: what `build` made, and the operations on it."""
@@ -179,15 +195,8 @@ def build(config: ml_collections.ConfigDict, workdir: str | None = None) -> Run:
     tokenizer = load_tokenizer(config, workdir)
     vocab_size = tokenizer.vocab_size if tokenizer else config.text.vocab_size
     mesh = sharding.make_mesh(config.mesh)
-    config_lib.validate_on_mesh(config, mesh)
-    model = towers.build_model(config.model, vocab_size=vocab_size, max_len=config.text.max_len)
-    optimizer = make_optimizer(config)
-    shapes = pipeline.input_shapes(config.data, max_len=config.text.max_len)
-    example = {
-        name: jnp.ones((1, *shapes[name]), modalities_lib.get(name).dtype)
-        for name in towers.tower_names(config.model)
-    }
-    init = step.initializer(config, model, optimizer, example)
+    config_lib.validate_on_mesh(config, mesh.size)
+    model, optimizer, init = make_initializer(config, vocab_size)
     state_sharding = step.state_shardings(init, mesh)
     return Run(
         config=config,

@@ -208,9 +208,10 @@ def _validate_batch(config, num_shards: int, *, exact: bool) -> None:
         )
 
 
-def validate_on_mesh(config, mesh) -> None:
-    """The checks that need the devices: the batch and GradCache chunks over the mesh."""
-    _validate_batch(config, mesh.size, exact=True)
+def validate_on_mesh(config, mesh_size: int) -> None:
+    """The checks that need the devices: the batch and GradCache chunks over the mesh's
+    `mesh_size` (data x fsdp) devices."""
+    _validate_batch(config, mesh_size, exact=True)
 
 
 def _validate_model(config, require, *, fsdp: int) -> None:

@@ -37,9 +37,10 @@ LOGICAL_AXIS_RULES = (
 )
 
 
-def mesh_shape(mesh_config) -> tuple[int, int]:
-    """(data, fsdp) sizes; `data=-1` takes every device not used by fsdp."""
-    num_devices = jax.device_count()
+def mesh_shape(mesh_config, num_devices: int | None = None) -> tuple[int, int]:
+    """(data, fsdp) sizes on `num_devices` (default: this job's); `data=-1` takes every
+    device not used by fsdp."""
+    num_devices = jax.device_count() if num_devices is None else num_devices
     fsdp = mesh_config.fsdp
     fix = (
         f"choose mesh.data x mesh.fsdp dividing the {num_devices} devices "

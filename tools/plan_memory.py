@@ -10,7 +10,8 @@ of the per-device program gives the arguments (the train state's shard and the b
 shard), the outputs and the temporaries (activations kept for the backward pass,
 gathered weights, gradients, logits). The sum is what one device needs, before
 allocator fragmentation. XLA:CPU schedules and fuses differently from TPU and GPU
-backends, so treat the numbers as estimates within tens of percent.
+backends, so treat the numbers as estimates within tens of percent. Beside it, the
+analytic plan of bigalign/plan.py (`python -m bigalign.plan` plans without compiling).
 
     python tools/plan_memory.py                    # the plans of docs/scaling.md
     python tools/plan_memory.py --plans B/16:32768:32x8:sigmoid_chunked:1
@@ -48,6 +49,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--plans", default=",".join(PLANS))
     parser.add_argument("--image-size", type=int, default=224)
+    parser.add_argument("--compute-dtype", default="bfloat16",
+                        help="float32 compares the plan with XLA:CPU, which runs bf16 matmuls in f32")
     args = parser.parse_args()
     plans = [parse_plan(p) for p in args.plans.split(",")]
     devices = max(p["data"] * p["fsdp"] for p in plans)
@@ -60,8 +63,7 @@ def main() -> None:
     import siglip_b16
 
     import bigalign
-    from bigalign import modalities, sharding
-    from bigalign.data import pipeline
+    from bigalign import plan as planner
     from bigalign.metrics import markdown_table
 
     print("$ python tools/plan_memory.py " + " ".join(sys.argv[1:]), flush=True)
@@ -71,35 +73,32 @@ def main() -> None:
         config.batch_size = plan["batch_size"]
         config.data.name = "shapes"  # only the input shapes matter: no data is read
         config.data.update(image_size=args.image_size, zeroshot_name="")
+        config.model.compute_dtype = args.compute_dtype
         config.mesh.update(data=plan["data"], fsdp=plan["fsdp"])
         config.loss.name = plan["loss"]
         config.grad_cache.num_chunks = plan["num_chunks"]
         config.model.image.variant = plan["variant"]
         config.model.text.variant = plan["variant"].partition("/")[0]
         run = bigalign.build(config)
-        shapes = pipeline.input_shapes(config.data, max_len=config.text.max_len)
-        batch = {name: jax.ShapeDtypeStruct((config.batch_size, *shapes[name]),
-                                            modalities.get(name).dtype,
-                                            sharding=sharding.batch_sharding(run.mesh))
-                 for name in run.modalities}
         start = time.perf_counter()
-        memory = run.train_step.lower(run.abstract_state(), batch).compile().memory_analysis()
+        memory = planner.compiled_memory(run)
         seconds = time.perf_counter() - start
+        planned = planner.plan(config, plan["data"] * plan["fsdp"]).total
         gib = lambda n: f"{n / 2**30:.2f}"  # noqa: E731
-        total = (memory.argument_size_in_bytes + memory.output_size_in_bytes
-                 - memory.alias_size_in_bytes + memory.temp_size_in_bytes)
         params = sum(x.size for x in jax.tree.leaves(run.abstract_state().params))
         rows.append([plan["variant"], f"{params / 1e6:.0f}M", f"{config.batch_size:,}",
                      f"{plan['data']}x{plan['fsdp']}", f"{config.batch_size // (plan['data'] * plan['fsdp'])}",
-                     plan["loss"], str(plan["num_chunks"]), gib(memory.argument_size_in_bytes),
-                     gib(memory.temp_size_in_bytes), gib(total), f"{seconds:.0f}"])
+                     plan["loss"], str(plan["num_chunks"]), gib(memory.arguments),
+                     gib(memory.temporaries), gib(memory.total), gib(planned),
+                     f"{planned / memory.total:.2f}", f"{seconds:.0f}"])
         print(f"compiled {plan} in {seconds:.0f} s", file=sys.stderr, flush=True)
     print(f"\n{devices} simulated CPU devices, jax {jax.__version__}, image {args.image_size} px, "
-          f"configs/siglip_b16.py otherwise (bf16, scan, remat dots_no_batch, 64 tokens, 32k vocab)\n")
+          f"{args.compute_dtype}, configs/siglip_b16.py otherwise (scan, remat dots_no_batch, 64 tokens, "
+          f"32k vocab)\n")
     print(markdown_table(
         ["image", "params", "global batch", "mesh data x fsdp", "per device", "loss",
          "GradCache chunks", "arguments GiB", "temporaries GiB", "total GiB per device",
-         "compile s"], rows))
+         "planned GiB", "planned / compiled", "compile s"], rows))
 
 
 if __name__ == "__main__":
