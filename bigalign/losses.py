@@ -83,7 +83,9 @@ def _check_mesh(batch: int, mesh, axis) -> int:
     return size
 
 
-def _pick_tile(local_batch: int, tile_size: int | None) -> int:
+def pick_tile(local_batch: int, tile_size: int | None) -> int:
+    """The ring variants' logits tile width for a per-device batch (``tile_size`` or
+    the default); the memory planner (plan.py) sizes the tiles with it."""
     if tile_size is None:
         return max(t for t in range(1, min(local_batch, DEFAULT_TILE) + 1) if local_batch % t == 0)
     if tile_size <= 0 or local_batch % tile_size:
@@ -153,6 +155,10 @@ def _specs(axis):
     return rows, P(axis), P()  # embeddings, per-example vectors, replicated
 
 
+def _positives(x, y, scale, bias):  # [b, D], [b, D] -> [b]: the diagonal logits s_ii
+    return scale * jnp.sum(x * y, axis=-1) + bias
+
+
 def _logits(x, y, scale, bias):  # [b, D], [t, D] -> [b, t]
     return scale * jnp.einsum("id,jd->ij", x, y) + bias
 
@@ -166,7 +172,7 @@ def _softmax_gathered_body(x, y, scale, bias, *, axis):
     # One [b, B] block of logits serves both directions: its rows are this device's
     # rows of s, and its columns hold this device's share of every column's sum.
     y_all = _gather(y, axis)  # [B, D]
-    positives = scale * jnp.sum(x * y, axis=-1) + bias  # [b]
+    positives = _positives(x, y, scale, bias)  # [b]
     logits = _logits(x, y_all, scale, bias)  # [b, B]
     row_lse = jax.nn.logsumexp(logits, axis=1)  # [b]
     col_lse = _logsumexp_over_devices(jax.nn.logsumexp(logits, axis=0), axis)  # [B]
@@ -179,7 +185,7 @@ def _sigmoid_gathered_body(x, y, scale, bias, *, axis):
     # diagonal logits once, so no [b, B] tensor of signs is built (as the ring variant).
     y_all = _gather(y, axis)  # [B, D]
     logits = _logits(x, y_all, scale, bias)  # [b, B]
-    positives = scale * jnp.sum(x * y, axis=-1) + bias  # [b]
+    positives = _positives(x, y, scale, bias)  # [b]
     local = jnp.sum(jax.nn.log_sigmoid(-logits)) + jnp.sum(positives)
     return -_psum(local, axis) / y_all.shape[0]
 
@@ -307,7 +313,7 @@ def _ring_total(forward_body, logit_grads, num_states, x, y, scale, bias, *, mes
     states, so the backward pass holds no [b, B] logits either.
     """
     n = _check_mesh(x.shape[0], mesh, axis)
-    tile = _pick_tile(x.shape[0] // n, tile_size)
+    tile = pick_tile(x.shape[0] // n, tile_size)
     rows, vector, rep = _specs(axis)
     states = (vector,) * num_states
 
@@ -344,7 +350,7 @@ def _softmax_tiled(x, y, scale, bias, *, mesh, axis, tile_size):
     batch = x.shape[0]
     lse_sum = _ring_total(_softmax_ring_forward, _softmax_logit_grads, 1, x, y, scale, bias,
                           mesh=mesh, axis=axis, tile_size=tile_size)
-    positives = scale * jnp.sum(x * y, axis=-1) + bias  # [B], row-wise, stays sharded
+    positives = _positives(x, y, scale, bias)  # [B], row-wise, stays sharded
     return lse_sum / (2 * batch) - jnp.sum(positives) / batch
 
 
@@ -354,7 +360,7 @@ def _sigmoid_chunked(x, y, scale, bias, *, mesh, axis, tile_size):
     batch = x.shape[0]
     negatives_sum = _ring_total(_sigmoid_ring_forward, _sigmoid_logit_grads, 0, x, y, scale,
                                 bias, mesh=mesh, axis=axis, tile_size=tile_size)
-    positives = scale * jnp.sum(x * y, axis=-1) + bias  # [B]
+    positives = _positives(x, y, scale, bias)  # [B]
     return -(negatives_sum + jnp.sum(positives)) / batch
 
 

@@ -200,7 +200,7 @@ def _loss_bytes(config, per_device: int, batch: int) -> int:
     if name in LOGIT_BLOCKS:
         return embeddings + (LOGIT_BLOCKS[name] * per_device + embed) * batch * FLOAT32
     if name in losses.NAMES:  # a ring variant
-        tile = losses._pick_tile(per_device, None)
+        tile = losses.pick_tile(per_device, None)
         return embeddings + (RING_TILES * tile + RING_BLOCKS * embed) * per_device * FLOAT32
     raise UserError(f"loss.name={name!r} is not a loss the planner models; plan with one of "
                     f"{', '.join(losses.NAMES)}")

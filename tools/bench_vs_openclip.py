@@ -40,6 +40,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import bigalign  # noqa: E402
 from bigalign import losses  # noqa: E402
 from bigalign.models.sizes import parse_variant  # noqa: E402
+from bigalign.models.vit import normalise_pixels  # noqa: E402
 from bigalign.metrics import markdown_table  # noqa: E402
 from bench_configs import clip_ti_config  # noqa: E402
 from machine_peak import best_seconds, matmul_peak, matmul_rate  # noqa: E402
@@ -115,8 +116,8 @@ def compare_steps(rounds: int, steps: int, peak: float) -> str:
     state = state.replace(params=jax.device_put(params, run.state_sharding.params))
     pixels, tokens = step_inputs(config, np.random.default_rng(0))
     batch = run.global_batch({"image": pixels, "text": tokens})
-    images_t = torch.from_numpy(pixels.astype(np.float32) * (2 / 255) - 1).permute(0, 3, 1, 2)
-    images_t = images_t.contiguous()
+    # the pixels bigalign's ViT sees, scaled once outside open_clip's timed step
+    images_t = torch.from_numpy(np.asarray(normalise_pixels(pixels))).permute(0, 3, 1, 2).contiguous()
     tokens_t = torch.from_numpy(tokens.astype(np.int64))
     torch_step = torch_step_fn(model, config)
     jax_step = run.train_step.lower(state, batch).compile()
