@@ -15,7 +15,7 @@ import math
 
 import ml_collections
 
-from bigalign import evaluators, objectives, schema as schema_lib, workdir as workdir_lib
+from bigalign import evaluators, objectives, optimizer, schema as schema_lib, workdir as workdir_lib
 from bigalign.data import pipeline, tokenizer
 from bigalign.errors import UserError
 from bigalign.models import encoders, towers, transformer
@@ -66,8 +66,16 @@ def schema() -> dict:
             end_learning_rate_fraction=Key(0.0, Number(low=0, high=1)),
             b1=Key(0.9, Number(low=0, below=1)),
             b2=Key(0.95, Number(low=0, below=1)),
-            weight_decay=Key(1e-4, Number(low=0)),  # applied to kernels and the token table only
-            grad_clip_norm=Key(1.0, Number(above=0)),
+            eps=Key(1e-8, Number(above=0)),  # Adam's epsilon (optax's default; CLIP: 1e-6)
+            weight_decay=Key(1e-4, Number(low=0)),
+            # What weight_decay means (optimizer.py): "optax" decays by wd x lr(t) (AdamW,
+            # open_clip), "big_vision" by wd x lr(t) / learning_rate (big_vision/optax.py).
+            weight_decay_mode=Key("optax", OneOf(optimizer.WEIGHT_DECAY_MODES)),
+            # Which parameters decay: "kernels_and_embeddings" (weights and the token
+            # table), "kernels" (big_vision), "all_but_gains_and_biases" (open_clip).
+            weight_decay_mask=Key("kernels_and_embeddings",
+                                  OneOf(tuple(optimizer.WEIGHT_DECAY_MASKS))),
+            grad_clip_norm=Key(1.0, Number(low=0)),  # global norm; 0: no clipping (open_clip)
         ),
         # The batch is split over data x fsdp devices; parameters over fsdp. -1: all the rest.
         mesh=dict(data=Key(-1, Integer(low=-1)), fsdp=Key(1, Integer(low=1))),
