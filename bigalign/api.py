@@ -18,6 +18,7 @@ import numpy as np
 from bigalign import checkpoint, config as config_lib, evaluators, modalities
 from bigalign.builder import Run, build
 from bigalign.errors import UserError
+from bigalign.models import towers
 
 
 class Model:
@@ -40,7 +41,9 @@ class Model:
 
     @property
     def logit_scale(self) -> float:
-        return float(np.exp(jax.device_get(self.params["logit_scale"])))
+        """The scale the loss uses: exp of the parameter, capped at model.max_logit_scale."""
+        log_scale = jax.device_get(self.params["logit_scale"])
+        return float(towers.capped_scale(log_scale, self.config.model.max_logit_scale))
 
     @property
     def logit_bias(self) -> float:

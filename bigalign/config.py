@@ -16,7 +16,7 @@ import math
 import ml_collections
 
 from bigalign import evaluators, objectives, optimizer, schema as schema_lib, workdir as workdir_lib
-from bigalign.data import pipeline, tokenizer
+from bigalign.data import pipeline, tokenizer, tokenizer_kinds
 from bigalign.errors import UserError
 from bigalign.models import encoders, towers, transformer
 from bigalign.schema import Integer, Key, Number, OneOf, Path, Registered, Sequence, Text
@@ -84,7 +84,11 @@ def schema() -> dict:
             max_len=Key(16, Integer(low=2)),  # at least one token and the EOS
             # Whole-word pieces: every demo caption fits in 11 tokens.
             vocab_size=Key(128, Integer(low=2)),
-            # A sentencepiece .model path; "" trains WORKDIR/tokenizer.model.
+            # Whose conventions (data/tokenizer_kinds.py): "sentencepiece" (bigalign's),
+            # "clip" (open_clip's BPE), "siglip" (big_vision's sentencepiece use).
+            tokenizer_kind=Key("sentencepiece", OneOf(tuple(tokenizer_kinds.KINDS))),
+            # Its file: a sentencepiece .model ("" trains WORKDIR/tokenizer.model), for
+            # "clip" open_clip's bpe_simple_vocab_16e6.txt.gz, for "siglip" big_vision's .model.
             tokenizer=Key("", Path("file"), hint=tokenizer.HOW_TO_CREATE),
         ),
         model=dict(
@@ -92,6 +96,7 @@ def schema() -> dict:
             dropout_rate=Key(0.0, Number(low=0, below=1)),
             init_logit_scale=math.log(10.0),  # log of the initial scale (SigLIP: log 10)
             init_logit_bias=-10.0,  # SigLIP: -10; softmax losses ignore the bias
+            max_logit_scale=Key(0.0, Number(low=0)),  # > 0: cap on the scale (open_clip: 100)
             # "bfloat16": bf16 matmuls, float32 master weights.
             compute_dtype=Key("float32", OneOf(tuple(towers.COMPUTE_DTYPES))),
             # Recompute activations in the backward pass: none, full, dots, ...

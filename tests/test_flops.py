@@ -8,7 +8,7 @@ import pytest
 import bigalign
 from bigalign import flops
 from bigalign.models import sizes
-from bigalign.models.towers import Tower
+from bigalign.models.towers import tower_module
 from helpers import random_seed
 
 
@@ -57,7 +57,7 @@ def test_analytic_count_matches_xla(kind, pool):
     it also counts elementwise ops)."""
     tower, input_shape = random_tower(kind, pool, np.random.default_rng(random_seed()))
     embed_dim, batch = 64, 2
-    module = Tower(kind, {k: v for k, v in tower.items() if k != "kind"}, embed_dim)
+    module = tower_module(tower, embed_dim)
     inputs = jax.ShapeDtypeStruct((batch, *input_shape), jnp.int32 if kind == "text" else jnp.float32)
     params = jax.eval_shape(module.init, jax.random.key(0), inputs)  # shapes only: nothing allocated
     xla = jax.jit(module.apply).lower(params, inputs).cost_analysis()["flops"] / batch

@@ -21,25 +21,32 @@ from typing import NamedTuple
 
 import jax
 
+from bigalign.models.transformer import ACTIVATIONS
 from bigalign.registry import Registry
-from bigalign.schema import Integer, Key, Path
+from bigalign.schema import Integer, Key, Number, OneOf, Path
 
 ENCODERS = Registry("tower kind")
 
 # Keys every tower config has, whatever its kind (schema.py: defaults and constraints);
-# the first five become encoder arguments.
+# those in ENCODER_ARGUMENTS become encoder arguments.
 SHARED_OPTIONS = dict(
     width=Key(64, Integer(low=1)),
     depth=Key(2, Integer(low=0)),  # 0: no blocks (an encoder without layers)
     num_heads=Key(2, Integer(low=1)),
     mlp_dim=Key(256, Integer(low=1)),
     pool="",  # set by the kind's options; its valid values are the kind's poolings
+    # The MLP's nonlinearity: "gelu_tanh" (flax, big_vision), "gelu" (open_clip),
+    # "quick_gelu" (OpenAI's CLIPs); and the LayerNorm epsilon (torch's is 1e-5).
+    activation=Key("gelu_tanh", OneOf(tuple(ACTIVATIONS))),
+    layer_norm_epsilon=Key(1e-6, Number(above=0)),
+    projection_bias=False,  # a bias in the projection to the shared space (SigLIP's heads)
     variant="",  # a named size ("B/16", "So400m/14"; text: "B"): sets the sizes above
     frozen=False,  # LiT: no gradient and no optimizer state for this tower
     # A bigalign workdir (or checkpoint step dir) to load this tower from.
     init_from=Key("", Path("directory")),
 )
-ENCODER_ARGUMENTS = ("width", "depth", "num_heads", "mlp_dim", "pool")
+ENCODER_ARGUMENTS = ("width", "depth", "num_heads", "mlp_dim", "pool", "activation",
+                     "layer_norm_epsilon")
 
 
 class EncoderOutput(NamedTuple):

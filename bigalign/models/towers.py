@@ -1,9 +1,11 @@
 """The contrastive model: named towers, each projected into one shared embedding space.
 
 Every modality (`image`, `text`, `audio`, ...) has an encoder (a ViT, a text
-Transformer, an audio Transformer) followed by a bias-free linear projection to
-`embed_dim` and L2 normalisation. The model also owns the learnable logit scale
-(stored as its log, so it stays positive) and bias (SigLIP) that the loss uses.
+Transformer, an audio Transformer) followed by a linear projection to `embed_dim`
+(bias-free as in CLIP, or with a bias as SigLIP's heads: `projection_bias`) and L2
+normalisation. The model also owns the learnable logit scale (stored as its log, so
+it stays positive; optionally capped, as open_clip caps it at 100) and bias (SigLIP)
+that the loss uses.
 
 Parameters are laid out as {modality: {"encoder", "projection"}, "logit_scale",
 "logit_bias"}, so one tower can be locked or swapped by its name. Encoders come from
@@ -33,6 +35,7 @@ class Tower(nn.Module):
     kind: str
     encoder_kwargs: Mapping[str, Any]
     embed_dim: int
+    projection_bias: bool = False
 
     @nn.compact
     def __call__(self, inputs, *, deterministic: bool = True):
@@ -40,13 +43,20 @@ class Tower(nn.Module):
         features, tokens = encoder(inputs, deterministic=deterministic)  # [B, W], [B, T, W]
         embeddings = nn.Dense(
             self.embed_dim,
-            use_bias=False,
+            use_bias=self.projection_bias,
             dtype=encoder.dtype,
             kernel_init=partitioned(nn.initializers.lecun_normal(), "embed", "proj"),
+            bias_init=partitioned(nn.initializers.zeros, "proj"),
             name="projection",
         )(features)
         embeddings = embeddings.astype(jnp.float32)  # normalise in float32 whatever the compute dtype
         return embeddings / jnp.linalg.norm(embeddings, axis=-1, keepdims=True).clip(1e-6), tokens
+
+
+def tower_module(tower: Mapping[str, Any], embed_dim: int, name: str | None = None) -> Tower:
+    """The Tower of one `resolve_towers` entry ({"kind", "projection_bias", encoder kwargs})."""
+    kwargs = {k: v for k, v in tower.items() if k not in ("kind", "projection_bias")}
+    return Tower(tower["kind"], kwargs, embed_dim, tower.get("projection_bias", False), name=name)
 
 
 class ContrastiveModel(nn.Module):
@@ -62,13 +72,16 @@ class ContrastiveModel(nn.Module):
     embed_dim: int
     init_logit_scale: float  # log of the initial scale
     init_logit_bias: float = 0.0
+    # > 0: the scale used is min(exp(logit_scale), max_logit_scale). open_clip clamps the
+    # parameter itself after each step (at log 100); here the forward pass caps it, so
+    # past the cap the scale gets no gradient: the same logits, the same loss.
+    max_logit_scale: float = 0.0
 
     @nn.compact
     def __call__(self, inputs: Mapping[str, jnp.ndarray], *, deterministic: bool = True):
         embeddings, tokens = {}, {}
         for modality, tower in self.towers.items():
-            kwargs = {k: v for k, v in tower.items() if k != "kind"}
-            module = Tower(tower["kind"], kwargs, self.embed_dim, name=modality)
+            module = tower_module(tower, self.embed_dim, name=modality)
             if modality in inputs:
                 embeddings[modality], tokens[modality] = module(
                     inputs[modality], deterministic=deterministic
@@ -79,8 +92,15 @@ class ContrastiveModel(nn.Module):
         bias = self.param(
             "logit_bias", partitioned(nn.initializers.constant(self.init_logit_bias)), (), jnp.float32
         )
-        return {"embeddings": embeddings, "tokens": tokens, "logit_scale": jnp.exp(log_scale),
-                "logit_bias": bias}
+        return {"embeddings": embeddings, "tokens": tokens,
+                "logit_scale": capped_scale(log_scale, self.max_logit_scale), "logit_bias": bias}
+
+
+def capped_scale(log_scale, max_logit_scale: float):
+    """exp(log_scale), at most `max_logit_scale` when that is > 0 (open_clip: 100)."""
+    if max_logit_scale > 0:
+        log_scale = jnp.minimum(log_scale, jnp.log(max_logit_scale))
+    return jnp.exp(log_scale)
 
 
 def is_tower(value) -> bool:
@@ -102,7 +122,8 @@ def resolve_towers(
     depth, num_heads and mlp_dim, and its patch_size when it names one. Model-level
     dropout_rate, compute_dtype, remat and scan_layers apply to every tower; a kind
     that asks for them (text) also gets the tokenizer's vocabulary size and the maximum
-    length. Keys that are not encoder arguments (frozen, init_from, variant) are dropped.
+    length. `projection_bias` is kept for the Tower; the other keys that are not encoder
+    arguments (frozen, init_from, variant) are dropped.
     """
     if model_config.compute_dtype not in COMPUTE_DTYPES:
         raise ValueError(
@@ -127,7 +148,7 @@ def resolve_towers(
         )
         context = dict(vocab_size=vocab_size, max_len=max_len)
         kwargs.update({key: context[key] for key in kind.context})
-        towers[name] = {"kind": tower.kind, **kwargs}
+        towers[name] = {"kind": tower.kind, "projection_bias": tower.projection_bias, **kwargs}
     return towers
 
 
@@ -140,4 +161,5 @@ def build_model(
         embed_dim=model_config.embed_dim,
         init_logit_scale=model_config.init_logit_scale,
         init_logit_bias=model_config.init_logit_bias,
+        max_logit_scale=model_config.max_logit_scale,
     )

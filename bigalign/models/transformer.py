@@ -11,6 +11,7 @@ axis), "proj" (the projection's output) or None. `sharding.py` maps those names
 onto the mesh; without its rules they are inert.
 """
 
+import functools
 from typing import Any, Optional
 
 import flax.linen as nn
@@ -27,15 +28,26 @@ REMAT_POLICIES = {
 
 Dtype = Any
 
+# The MLP's nonlinearity; config key -> function. Flax's default and big_vision's is the
+# tanh approximation of GELU; open_clip's nn.GELU is exact; OpenAI's first CLIPs used
+# QuickGELU, x * sigmoid(1.702 x) (the "-quickgelu" open_clip models).
+ACTIVATIONS = {
+    "gelu_tanh": functools.partial(nn.gelu, approximate=True),
+    "gelu": functools.partial(nn.gelu, approximate=False),
+    "quick_gelu": lambda x: x * nn.sigmoid(1.702 * x),
+}
+
 
 def partitioned(initializer, *names):
     """`initializer` whose parameter carries one logical axis name (or None) per dimension."""
     return nn.with_logical_partitioning(initializer, names)
 
 
-def layer_norm(dtype: Dtype, name: str) -> nn.LayerNorm:
-    """A LayerNorm over the residual width; its statistics are float32 whatever `dtype` is."""
+def layer_norm(dtype: Dtype, name: str, epsilon: float = 1e-6) -> nn.LayerNorm:
+    """A LayerNorm over the residual width; its statistics are float32 whatever `dtype` is.
+    `epsilon`: flax's and big_vision's 1e-6; torch's (open_clip's) is 1e-5."""
     return nn.LayerNorm(
+        epsilon=epsilon,
         dtype=dtype,
         scale_init=partitioned(nn.initializers.ones, "embed"),
         bias_init=partitioned(nn.initializers.zeros, "embed"),
@@ -126,11 +138,12 @@ class MultiHeadAttention(nn.Module):
 
 
 class MlpBlock(nn.Module):
-    """Two dense layers with a GELU between them."""
+    """Two dense layers with an activation (an ACTIVATIONS key) between them."""
 
     mlp_dim: int
     dropout_rate: float = 0.0
     dtype: Dtype = jnp.float32
+    activation: str = "gelu_tanh"
 
     @nn.compact
     def __call__(self, x, *, deterministic: bool):
@@ -144,7 +157,7 @@ class MlpBlock(nn.Module):
             bias_init=partitioned(nn.initializers.zeros, "mlp"),
             name="fc1",
         )(x)
-        x = nn.gelu(x)
+        x = ACTIVATIONS[self.activation](x)
         x = nn.Dropout(self.dropout_rate)(x, deterministic=deterministic)
         return nn.Dense(
             width,
@@ -169,17 +182,19 @@ class EncoderBlock(nn.Module):
     dtype: Dtype = jnp.float32
     causal: bool = False
     deterministic: bool = True
+    activation: str = "gelu_tanh"
+    layer_norm_epsilon: float = 1e-6
 
     @nn.compact
     def __call__(self, x, key_lengths: Optional[jnp.ndarray]):
         # x: [B, T, W]; key_lengths: [B] (the rest of each row is padding) or None.
-        y = layer_norm(self.dtype, "ln_attention")(x)
+        y = layer_norm(self.dtype, "ln_attention", self.layer_norm_epsilon)(x)
         y = MultiHeadAttention(self.num_heads, self.dtype, self.causal, name="attention")(
             y, y, key_lengths)
         y = nn.Dropout(self.dropout_rate)(y, deterministic=self.deterministic)
         x = x + y
-        y = layer_norm(self.dtype, "ln_mlp")(x)
-        y = MlpBlock(self.mlp_dim, self.dropout_rate, self.dtype, name="mlp")(
+        y = layer_norm(self.dtype, "ln_mlp", self.layer_norm_epsilon)(x)
+        y = MlpBlock(self.mlp_dim, self.dropout_rate, self.dtype, self.activation, name="mlp")(
             y, deterministic=self.deterministic
         )
         y = nn.Dropout(self.dropout_rate)(y, deterministic=self.deterministic)
@@ -204,6 +219,8 @@ class Encoder(nn.Module):
     remat: str = "none"
     scan_layers: bool = False
     causal: bool = False  # each token attends to itself and the tokens before it
+    activation: str = "gelu_tanh"  # an ACTIVATIONS key
+    layer_norm_epsilon: float = 1e-6
 
     @nn.compact
     def __call__(self, x, key_lengths=None, *, deterministic: bool = True):
@@ -221,6 +238,8 @@ class Encoder(nn.Module):
             dtype=self.dtype,
             causal=self.causal,
             deterministic=deterministic,
+            activation=self.activation,
+            layer_norm_epsilon=self.layer_norm_epsilon,
         )
         if self.scan_layers:
             blocks = nn.scan(
@@ -235,13 +254,13 @@ class Encoder(nn.Module):
         else:
             for i in range(self.depth):
                 x, _ = block(**settings, name=f"block{i}")(x, key_lengths)
-        return layer_norm(self.dtype, "ln_final")(x)
+        return layer_norm(self.dtype, "ln_final", self.layer_norm_epsilon)(x)
 
 
 def tower_encoder(tower: nn.Module) -> Encoder:
     """The Encoder of a tower module (ViT, text, audio), from its depth, heads, MLP width,
-    dropout, dtype, remat and scan settings (and `causal`, if the tower has it); create
-    it inside the tower's compact method."""
+    dropout, dtype, remat and scan settings, activation and LayerNorm epsilon (and
+    `causal`, if the tower has it); create it inside the tower's compact method."""
     return Encoder(
         tower.depth,
         tower.num_heads,
@@ -251,6 +270,8 @@ def tower_encoder(tower: nn.Module) -> Encoder:
         remat=tower.remat,
         scan_layers=tower.scan_layers,
         causal=getattr(tower, "causal", False),
+        activation=tower.activation,
+        layer_norm_epsilon=tower.layer_norm_epsilon,
         name="encoder",
     )
 
@@ -261,6 +282,8 @@ class AttentionPool(nn.Module):
     num_heads: int
     mlp_dim: int
     dtype: Dtype = jnp.float32
+    activation: str = "gelu_tanh"
+    layer_norm_epsilon: float = 1e-6
 
     @nn.compact
     def __call__(self, x, key_lengths=None):
@@ -271,6 +294,14 @@ class AttentionPool(nn.Module):
         )
         probe = jnp.broadcast_to(probe, (batch, 1, width)).astype(self.dtype)  # [B, 1, W]
         pooled = MultiHeadAttention(self.num_heads, self.dtype, name="attention")(probe, x, key_lengths)
-        y = layer_norm(self.dtype, "ln")(pooled)
-        pooled = pooled + MlpBlock(self.mlp_dim, dtype=self.dtype, name="mlp")(y, deterministic=True)
+        y = layer_norm(self.dtype, "ln", self.layer_norm_epsilon)(pooled)
+        mlp = MlpBlock(self.mlp_dim, dtype=self.dtype, activation=self.activation, name="mlp")
+        pooled = pooled + mlp(y, deterministic=True)
         return pooled[:, 0]
+
+
+def map_head(tower: nn.Module) -> AttentionPool:
+    """The attention pooling of a tower module, with its heads, MLP width, dtype,
+    activation and LayerNorm epsilon; create it inside the tower's compact method."""
+    return AttentionPool(tower.num_heads, tower.mlp_dim, tower.dtype, tower.activation,
+                         tower.layer_norm_epsilon, name="map_head")

@@ -20,10 +20,18 @@ import jax
 import jax.numpy as jnp
 
 from bigalign.models.encoders import ENCODERS, EncoderKind, EncoderOutput
-from bigalign.models.transformer import AttentionPool, Dtype, partitioned, tower_encoder
-from bigalign.schema import Integer, Key, Number
+from bigalign.models.transformer import Dtype, layer_norm, map_head, partitioned, tower_encoder
+from bigalign.schema import Integer, Key, Number, OneOf
 
 POOLINGS = ("gap", "cls", "map")
+
+# How uint8 pixels become the network's input, as each source trained: (mean, std) per
+# channel of x / 255. "unit": [-1, 1] (big_vision, SigLIP); "clip": OpenAI CLIP's
+# statistics (open_clip's OPENAI_DATASET_MEAN / _STD, used by every CLIP it ships).
+PIXEL_NORMS = {
+    "unit": ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5)),
+    "clip": ((0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)),
+}
 
 
 def kept_patches(count: int, rate: float) -> int:
@@ -39,9 +47,11 @@ def drop_patches(tokens, rate: float, rng):
     return jnp.take_along_axis(tokens, kept[:, :, None], axis=1)
 
 
-def normalise_pixels(pixels):
-    """uint8 [..., H, W, 3] -> float32 in [-1, 1]: (x / 255 - 0.5) / 0.5."""
-    return pixels.astype(jnp.float32) * (2 / 255) - 1
+def normalise_pixels(pixels, norm: str = "unit"):
+    """uint8 [..., H, W, C] -> float32 (x / 255 - mean) / std, with PIXEL_NORMS[norm]
+    per channel ("unit": [-1, 1]). One multiply-add per pixel, on the device."""
+    mean, std = (jnp.asarray(stat, jnp.float32)[: pixels.shape[-1]] for stat in PIXEL_NORMS[norm])
+    return pixels.astype(jnp.float32) * (1 / (255 * std)) - mean / std
 
 
 class VisionTransformer(nn.Module):
@@ -58,14 +68,20 @@ class VisionTransformer(nn.Module):
     dtype: Dtype = jnp.float32
     remat: str = "none"
     scan_layers: bool = False
+    activation: str = "gelu_tanh"
+    layer_norm_epsilon: float = 1e-6
+    ln_pre: bool = False  # a LayerNorm before the Transformer (OpenAI CLIP)
+    patch_bias: bool = True  # open_clip's patch embedding has none
+    pixel_norm: str = "unit"  # a PIXEL_NORMS key
 
     def as_image(self, inputs):
         """The [B, H, W, C] grid to cut into patches; subclasses adapt other inputs.
 
         uint8 pixels (as the input pipeline sends them: a quarter of float32's bytes
-        host-to-device) are scaled to [-1, 1] here; float inputs are taken as they are.
+        host-to-device) are normalised here by `pixel_norm`; float inputs are taken as
+        they are.
         """
-        return normalise_pixels(inputs) if inputs.dtype == jnp.uint8 else inputs
+        return normalise_pixels(inputs, self.pixel_norm) if inputs.dtype == jnp.uint8 else inputs
 
     @nn.compact
     def __call__(self, inputs, *, deterministic: bool = True):
@@ -77,6 +93,7 @@ class VisionTransformer(nn.Module):
             patch,
             strides=patch,
             padding="VALID",
+            use_bias=self.patch_bias,
             dtype=self.dtype,
             kernel_init=partitioned(nn.initializers.lecun_normal(), None, None, None, "embed"),
             bias_init=partitioned(nn.initializers.zeros, "embed"),
@@ -97,11 +114,13 @@ class VisionTransformer(nn.Module):
                 "cls_token", partitioned(nn.initializers.zeros, None, None, "embed"), (1, 1, width)
             )
             x = jnp.concatenate([jnp.broadcast_to(cls.astype(self.dtype), (batch, 1, width)), x], axis=1)
+        if self.ln_pre:
+            x = layer_norm(self.dtype, "ln_pre", self.layer_norm_epsilon)(x)
         x = tower_encoder(self)(x, deterministic=deterministic)  # [B, T, W]
         if self.pool == "cls":
             return EncoderOutput(x[:, 0], x)
         if self.pool == "map":
-            pooled = AttentionPool(self.num_heads, self.mlp_dim, self.dtype, name="map_head")(x)
+            pooled = map_head(self)(x)
             return EncoderOutput(pooled, x)
         return EncoderOutput(x.mean(axis=1), x)
 
@@ -120,6 +139,8 @@ def patch_embedding_flops(tower, input_shape, channels: int = 3) -> tuple[int, i
 ENCODERS.register("vit", EncoderKind(
     VisionTransformer,
     options=dict(patch_size=Key(4, Integer(low=1)), pool="gap",
-                 patch_dropout=Key(0.0, Number(low=0, below=1))),  # FLIP; 0.5 halves the tokens
+                 patch_dropout=Key(0.0, Number(low=0, below=1)),  # FLIP; 0.5 halves the tokens
+                 ln_pre=False, patch_bias=True,
+                 pixel_norm=Key("unit", OneOf(tuple(PIXEL_NORMS)))),
     poolings=POOLINGS, embedding_flops=patch_embedding_flops,
 ))
