@@ -17,6 +17,7 @@ config against the one saved in the workdir.
 """
 
 import os
+import re
 import sys
 import traceback
 
@@ -193,7 +194,9 @@ def parse_flags(argv, flag_values=None):
     try:
         return flag_values(argv)
     except flags.Error as error:
-        sys.exit(f"bigalign: error: {error} (see --helpfull)")
+        raised = _raised_in_config_file(str(error), path)
+        sys.exit(f"bigalign: error: {raised}" if raised else
+                 f"bigalign: error: {error} (see --helpfull)")
     except SyntaxError as error:
         sys.exit(f"bigalign: error: config file {error.filename!r} line {error.lineno}: "
                  f"{error.msg}")
@@ -229,6 +232,19 @@ def _config_path(argv) -> str | None:
     """The file of `--config FILE[:ARGS]` in argv, or None."""
     value = flag_value(argv, "config")
     return None if value is None else value.split(":", 1)[0]
+
+
+def _raised_in_config_file(message: str, path: str | None) -> str:
+    """A ValueError (UserError among them) that the config file's get_config raised, as
+    "config file PATH line N: Type: message"; "" for any other flag error. ml_collections
+    puts the traceback into the flag error's message, with the error on its last line."""
+    if "Error whilst parsing config file" not in message or not path:
+        return ""
+    lines = [line for file, line in re.findall(r'File "([^"]+)", line (\d+)', message)
+             if os.path.abspath(file) == os.path.abspath(path)]
+    kind, _, text = message.strip().splitlines()[-1].partition(": ")
+    where = f"config file {path!r}" + (f" line {lines[-1]}" if lines else "")
+    return f"{where}: {kind.rsplit('.', 1)[-1]}: {text}"
 
 
 def _line_in(error: BaseException, path: str | None) -> int | None:

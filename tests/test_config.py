@@ -142,6 +142,12 @@ def test_config_files_that_cannot_be_loaded_are_one_line_errors(tmp_path):
     raising = tmp_path / "raising.py"
     raising.write_text("def get_config():\n    sizes = {}\n    return sizes['width']\n")
     assert error_of(raising) == f"bigalign: error: config file '{raising}' line 3: KeyError: 'width'"
+    # A ValueError, as a recipe's UserError: ml_collections wraps it with its traceback.
+    refusing = tmp_path / "refusing.py"
+    refusing.write_text("from bigalign.errors import UserError\n\ndef get_config(run=''):\n"
+                        "    raise UserError(f'give the run, not {run!r}')\n")
+    assert error_of(f"{refusing}:x") == (
+        f"bigalign: error: config file '{refusing}' line 4: UserError: give the run, not 'x'")
 
 
 def test_a_workdir_that_cannot_be_a_directory_is_a_one_line_error(tmp_path):
