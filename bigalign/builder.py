@@ -26,17 +26,18 @@ from bigalign import checkpoint, distributed, flops, sharding, step
 from bigalign import workdir as workdir_lib
 from bigalign import modalities as modalities_lib
 from bigalign import config as config_lib
-from bigalign.data import pipeline, tokenizer as tokenizer_lib
+from bigalign.data import pipeline, tokenizer as tokenizer_lib, tokenizer_kinds
 from bigalign.models import towers
 from bigalign.optimizer import make_optimizer
 
 
-def load_tokenizer(config, workdir: str | None) -> tokenizer_lib.Tokenizer | None:
-    """`text.tokenizer`, else WORKDIR/tokenizer.model (trained on the data's captions on
+def load_tokenizer(config, workdir: str | None):
+    """`text.tokenizer` of `text.tokenizer_kind` (tokenizer_kinds.py), else for the
+    "sentencepiece" kind WORKDIR/tokenizer.model (trained on the data's captions on
     first use, by process 0 while the others wait); None without either (random
     inputs: config.text.vocab_size ids)."""
-    if config.text.tokenizer:
-        return tokenizer_lib.Tokenizer.load(config.text.tokenizer)
+    if config.text.tokenizer or config.text.tokenizer_kind != "sentencepiece":
+        return tokenizer_kinds.load(config.text.tokenizer_kind, config.text.tokenizer)
     if workdir is None:
         return None
     model_path = workdir_lib.path(workdir) / "tokenizer.model"

@@ -30,6 +30,8 @@ HOW_TO_CREATE = (
 class Tokenizer:
     """A sentencepiece model with fixed special ids; `encode` gives padded int32 id arrays."""
 
+    FILE_NAME = "tokenizer.model"
+
     def __init__(self, model_proto: bytes):
         self._model_proto = bytes(model_proto)
         self._processor = spm.SentencePieceProcessor(model_proto=self._model_proto)
@@ -63,6 +65,11 @@ class Tokenizer:
     @property
     def model_proto(self) -> bytes:
         """The serialized model, as written to a .model file."""
+        return self._model_proto
+
+    @property
+    def file_bytes(self) -> bytes:
+        """The same bytes, under the name every tokenizer kind has (tokenizer_kinds.py)."""
         return self._model_proto
 
     def encode(self, texts: Sequence[str], max_len: int) -> np.ndarray:
