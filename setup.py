@@ -17,6 +17,9 @@ setup(
         "orbax-checkpoint>=0.11.0",
         "tensorflow-datasets>=4.9.7",  # tfds.data_source without TensorFlow
         "sentencepiece>=0.2.0",
+        "tokenizers>=0.15",  # CLIP's byte-level BPE (text.tokenizer_kind=clip)
+        "ftfy>=6.1",  # open_clip's text cleaning before that BPE
+        "safetensors>=0.4",  # reading published checkpoints without torch
         "ml_collections>=1.0.0",
         "grain>=0.2.12",  # grain.MapDataset / grain.checkpoint at top level
         "numpy>=1.26",
