@@ -16,7 +16,7 @@ import math
 import ml_collections
 
 from bigalign import evaluators, objectives, optimizer, schema as schema_lib, workdir as workdir_lib
-from bigalign.data import pipeline, tokenizer, tokenizer_kinds
+from bigalign.data import pipeline, tokenizer_kinds
 from bigalign.errors import UserError
 from bigalign.models import encoders, towers, transformer
 from bigalign.schema import Integer, Key, Number, OneOf, Path, Registered, Sequence, Text
@@ -89,7 +89,7 @@ def schema() -> dict:
             tokenizer_kind=Key("sentencepiece", OneOf(tuple(tokenizer_kinds.KINDS))),
             # Its file: a sentencepiece .model ("" trains WORKDIR/tokenizer.model), for
             # "clip" open_clip's bpe_simple_vocab_16e6.txt.gz, for "siglip" big_vision's .model.
-            tokenizer=Key("", Path("file"), hint=tokenizer.HOW_TO_CREATE),
+            tokenizer=Key("", Path("file"), hint=tokenizer_kinds.PATH_HINT),
         ),
         model=dict(
             embed_dim=Key(64, Integer(low=1)),

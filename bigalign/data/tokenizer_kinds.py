@@ -23,6 +23,9 @@ KINDS = {
     "clip": clip_tokenizer.ClipTokenizer,
     "siglip": siglip_tokenizer.SiglipTokenizer,
 }
+# For text.tokenizer naming no file (config.py).
+PATH_HINT = (f"{tokenizer.HOW_TO_CREATE}; with text.tokenizer_kind clip or siglip, the file "
+             f"the checkpoint was trained with (bigalign/data/tokenizer_kinds.py)")
 FILE_HINTS = {"sentencepiece": tokenizer.HOW_TO_CREATE, "clip": clip_tokenizer.FILE_HINT,
               "siglip": siglip_tokenizer.FILE_HINT}
 
