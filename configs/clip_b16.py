@@ -29,8 +29,11 @@ image Transformer (ln_pre), no bias in the patch embedding, CLIP's per-channel p
 mean/std, projections without bias, and the logit scale clamped at 100 (the paper's
 "temperature ... clipped to prevent scaling the logits by more than 100").
 
-Tokens: CLIP's BPE (49,408 ids, 77 per text) from open_clip's vocabulary file; point
-`text.tokenizer` at it.
+Tokens: 77 per text from a 49,408-entry vocabulary. CLIP's own byte-level BPE, from
+the merges file open_clip ships:
+    --config.text.tokenizer_kind=clip --config.text.tokenizer=/path/bpe_simple_vocab_16e6.txt.gz
+(python -c 'import open_clip.tokenizer as t; print(t.default_bpe())' prints its path.)
+Without them a sentencepiece model of that size is trained on the data's captions.
 """
 
 import math

@@ -4,10 +4,11 @@ python -m bigalign.train --config configs/siglip_b16.py --workdir gs://bucket/ru
     --config.mesh.fsdp=8
 
 Image: ViT-B/16 at 224 px with attention pooling (93M: 86M and the MAP head);
-text: a B-sized causal Transformer, 64 tokens, 32k vocabulary (110M); 768-wide
-shared space; sigmoid loss over a 32k global batch with the chunked (ring) variant,
-so no device holds the global logit matrix. bf16 compute with float32 master weights, parameters and optimizer
-state split over `mesh.fsdp` devices, and block-level rematerialisation.
+text: a B-sized bidirectional Transformer (big_vision's), 64 tokens, 32k vocabulary
+(110M); 768-wide shared space; sigmoid loss over a 32k global batch with the chunked
+(ring) variant, so no device holds the global logit matrix. bf16 compute with float32
+master weights, parameters and optimizer state split over `mesh.fsdp` devices, and
+block-level rematerialisation.
 
 Hyperparameters and where they come from:
 - SigLIP paper (Zhai et al. 2023, arXiv 2303.15343): the sigmoid loss with t' = log 10
@@ -23,6 +24,10 @@ Hyperparameters and where they come from:
 - SigLIP 2 paper (Tschannen et al. 2025, arXiv 2502.14786, section 2): batch 32k, a
   cosine schedule with 20k warmup steps, 40B examples seen (1.22M steps at 32k);
   shorten with --config.total_steps (and warmup_steps) for smaller budgets.
+
+Tokens: a 32k sentencepiece model trained on the data's captions; SigLIP's own
+(big_vision's c4_en vocabulary, with its sticky-EOS conventions) with
+    --config.text.tokenizer_kind=siglip --config.text.tokenizer=/path/sentencepiece.model
 
 LiT (locked image tower): configs/lit.py. Fine-tuning a released SigLIP on a CSV
 dataset: configs/siglip_finetune_csv.py.

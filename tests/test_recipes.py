@@ -111,7 +111,8 @@ def test_siglip_b16_is_the_published_siglip_with_big_vision_weight_decay():
     # whose attention pooling output is the embedding (importing sets it to identity).
     assert image - SIGLIP_B16["image"] == 768 * 768
     opt = config.optimizer
-    assert (opt.learning_rate, opt.weight_decay, opt.b2, opt.warmup_steps) == (1e-3, 1e-4, 0.95, 20_000)
+    assert (opt.learning_rate, opt.weight_decay, opt.b2, opt.warmup_steps) == (
+        1e-3, 1e-4, 0.95, 20_000)
     assert (opt.weight_decay_mode, opt.weight_decay_mask) == ("big_vision", "kernels")
     assert config.batch_size == 32768 and config.loss.name.startswith("sigmoid")
     np.testing.assert_allclose(first_step_decay(config), 1e-4, rtol=1e-5)  # not 1e-4 x 1e-3
