@@ -196,8 +196,9 @@ def test_adamw_steps_match_numpy_in_each_weight_decay_convention(mode, mask, cli
     optimizer = make_optimizer(config)
     updated = tree(params)
     state = optimizer.init(updated)
+    update = jax.jit(optimizer.update)
     for grads in grads_per_step:
-        updates, state = optimizer.update(tree(grads), state, updated)
+        updates, state = update(tree(grads), state, updated)
         updated = optax.apply_updates(updated, updates)
 
     expected = numpy_adamw(params, grads_per_step, decays, config.optimizer,
