@@ -159,13 +159,21 @@ class Run:
             start_batch=start_batch,
         )
 
-    def load_initial_towers(self, state: step.TrainState) -> step.TrainState:
-        """Replaces each tower that has `model.<tower>.init_from` with that run's (LiT)."""
+    def load_initial_params(self, state: step.TrainState, start_from: str = "") -> step.TrainState:
+        """A new run's parameters: all of them from `start_from` (a workdir whose step 0 is
+        an imported model) or `model.init_from` (fine-tuning), then each tower that has
+        `model.<tower>.init_from` from that run (LiT)."""
         params = dict(state.params)
+        source = start_from or self.config.model.init_from
+        if source:
+            key = "--workdir" if start_from else "model.init_from"
+            params = checkpoint.load_initial_params(source, params, key=key)
+            distributed.say(f"Initialised all parameters from {source}")
         for name in self.modalities:
             source = self.config.model[name].init_from
             if source:
-                params[name] = checkpoint.load_tower(source, name, like=params[name])
+                key = f"model.{name}.init_from"
+                params[name] = checkpoint.load_initial_params(source, {name: params[name]}, key=key)[name]
                 distributed.say(f"Initialised tower {name!r} from {source}")
         return state.replace(params=params)
 

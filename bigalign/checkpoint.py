@@ -52,6 +52,11 @@ class Checkpointer:
             ),
         )
 
+    def save_parameters(self, params) -> None:
+        """Saves step 0 as parameters only: a run's starting point (an imported model),
+        which `load_params`, `load_initial_params` and a run started in this workdir read."""
+        self._manager.save(0, args=ocp.args.Composite(state=ocp.args.StandardSave({"params": params})))
+
     def restore(self, step: int, state_like, data_iterator) -> tuple:
         """(the train state saved at `step`, laid out like `state_like`; whether the data
         position was restored).
@@ -144,29 +149,30 @@ def _restore_params(state_dir: epath.Path, params_like) -> dict:
     return restored["params"]
 
 
-def load_tower(source: str, name: str, *, like):
-    """The parameters of tower `name` saved by another run, laid out like `like`.
+def load_initial_params(source: str, like: dict, *, key: str) -> dict:
+    """The parameters `like` names ({tower or scalar name: tree}) from another run's
+    latest checkpoint (its workdir, or a step directory), laid out like `like`.
 
-    `source` is that run's workdir (its latest checkpoint is used) or a step directory.
-    Only this tower's arrays are read. Raises UserError if the checkpoint has no such
-    tower or its arrays differ in shape (another size or variant).
+    Only those arrays are read. Raises UserError, naming the config `key` that gave
+    `source`, if the checkpoint lacks one or shapes it otherwise (another size or variant).
     """
     try:
         state_dir = _state_directory(source)
     except UserError as error:
-        raise UserError(f"init_from: {error}") from None
+        raise UserError(f"{key}: {error}") from None
     saved = ocp.PyTreeCheckpointer().metadata(state_dir).item_metadata.tree["params"]
-    fix = f"give model.{name}.init_from a run whose {name!r} tower has this config"
-    if name not in saved:
-        raise UserError(f"{state_dir} has no tower {name!r} (it has {sorted(saved)}); {fix}")
-    saved_shapes, wanted_shapes = _array_shapes(saved[name]), _array_shapes(like)
-    for array in sorted(set(saved_shapes) | set(wanted_shapes)):
-        if saved_shapes.get(array) != wanted_shapes.get(array):
-            raise UserError(
-                f"{state_dir} holds {name}/{array} with shape {saved_shapes.get(array)}, this "
-                f"model has {wanted_shapes.get(array)}; {fix}"
-            )
-    return _restore_params(state_dir, {name: like})[name]
+    fix = f"give {key} a run whose parameters have this config"
+    for name in like:
+        if name not in saved:
+            raise UserError(f"{state_dir} has no {name!r} (it has {sorted(saved)}); {fix}")
+        saved_shapes, wanted_shapes = _array_shapes(saved[name]), _array_shapes(like[name])
+        for array in sorted(set(saved_shapes) | set(wanted_shapes)):
+            if saved_shapes.get(array) != wanted_shapes.get(array):
+                raise UserError(
+                    f"{state_dir} holds {name}/{array} with shape {saved_shapes.get(array)}, this "
+                    f"model has {wanted_shapes.get(array)}; {fix}"
+                )
+    return _restore_params(state_dir, like)
 
 
 def load_params(workdir: str, params_like, step: int | None = None) -> tuple[dict, int]:

@@ -97,6 +97,9 @@ def schema() -> dict:
             init_logit_scale=math.log(10.0),  # log of the initial scale (SigLIP: log 10)
             init_logit_bias=-10.0,  # SigLIP: -10; softmax losses ignore the bias
             max_logit_scale=Key(0.0, Number(low=0)),  # > 0: cap on the scale (open_clip: 100)
+            # A bigalign workdir (an imported model, a finished run) whose parameters, all of
+            # them, a new run starts from: fine-tuning. Towers' own init_from apply after it.
+            init_from=Key("", Path("directory")),
             # "bfloat16": bf16 matmuls, float32 master weights.
             compute_dtype=Key("float32", OneOf(tuple(towers.COMPUTE_DTYPES))),
             # Recompute activations in the backward pass: none, full, dots, ...
@@ -291,7 +294,8 @@ RUN_DEFINING = ("seed", "batch_size", "text.", "model.", "data.name", "data.trai
                 "data.num_workers", "imports")
 # ... except these, which change how the same model is computed or started (and a
 # tower's init_from and patch_dropout: FLIP tunes without the mask at the end).
-HARMLESS_MODEL_KEYS = ("model.remat", "model.compute_dtype", "model.dropout_rate")
+HARMLESS_MODEL_KEYS = ("model.remat", "model.compute_dtype", "model.dropout_rate",
+                       "model.init_from")
 HARMLESS_TOWER_KEYS = (".init_from", ".patch_dropout")
 
 

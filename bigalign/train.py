@@ -45,10 +45,11 @@ def run_loop(loop: hooks_lib.LoopState, hooks) -> None:
         hook.end(loop)
 
 
-def _start_or_resume(config, workdir: str, checkpointer) -> int:
-    """The step to resume from (0: a new run); checks and saves the config in the workdir."""
-    start_step = checkpointer.latest_step() or 0
-    saved = config_lib.load_saved(workdir) if start_step else None
+def _start_or_resume(config, workdir: str, checkpointer) -> int | None:
+    """The step to resume from (None: a new run; 0: a run whose step 0 is its starting
+    parameters, as an imported model's); checks and saves the config in the workdir."""
+    start_step = checkpointer.latest_step()
+    saved = config_lib.load_saved(workdir) if start_step is not None else None
     if saved is not None:
         changes = config_lib.check_resume(saved, config, workdir)
         if changes:
@@ -90,13 +91,14 @@ def train_and_evaluate(config, workdir: str, *, hooks=()) -> dict:
         start_step = _start_or_resume(config, workdir, checkpointer)
         state = run.init_state()
         train_data = iter(run.train_data())
-        if start_step:
+        if start_step:  # 0 is a starting point, not a run to resume
             state, train_data = _restore(run, checkpointer, start_step, state, train_data)
             done = " (training is complete: evaluating only)" if start_step >= config.total_steps else ""
             distributed.say(f"Resuming from the checkpoint at step {start_step} in {workdir}{done}")
         else:
             distributed.say(f"Starting a new run in {workdir}")
-            state = run.load_initial_towers(state)
+            state = run.load_initial_params(state, workdir if start_step == 0 else "")
+            start_step = 0
         distributed.say(run.describe(state.params))
         logger = MetricLogger(
             workdir, total_steps=config.total_steps, start_step=start_step,

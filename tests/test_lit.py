@@ -70,7 +70,7 @@ def _saved_params(config, workdir):
 
     _, state = setup(config, 8)
     return {
-        name: checkpoint.load_tower(str(workdir), name, like=state.params[name])
+        name: checkpoint.load_initial_params(str(workdir), {name: state.params[name]}, key=name)[name]
         for name in state.params
         if name in config.model
     }

@@ -9,7 +9,7 @@ core, taking turns (round-robin), so load from anything else hits both alike.
 Train step: `bench_configs.clip_ti_config()` (ViT-Ti/16 at 112 px, 6-layer text tower,
 77 tokens, batch 64) built in both. open_clip's model gets the matching options
 (no ln_pre, class-token pooling, LayerNorm eps 1e-6, tanh GELU) and its random initial
-weights are copied into bigalign (tools/open_clip_weights.py), so the first losses
+weights are copied into bigalign (bigalign/published/open_clip.py), so the first losses
 agree: the table prints their difference. open_clip's step is its training loop's:
 forward, ClipLoss, backward, global-norm clipping at 1.0, fused AdamW (weight decay on
 the matrices, as bigalign's). bigalign's is `Run.train_step`. Per round each takes
@@ -44,7 +44,7 @@ from bigalign.models.vit import normalise_pixels  # noqa: E402
 from bigalign.metrics import markdown_table  # noqa: E402
 from bench_configs import clip_ti_config  # noqa: E402
 from machine_peak import best_seconds, matmul_peak, matmul_rate  # noqa: E402
-from open_clip_weights import params_from_open_clip  # noqa: E402
+from bigalign.published.open_clip import params_from_open_clip  # noqa: E402
 
 try:
     import open_clip
@@ -72,7 +72,7 @@ def open_clip_model(config):
                     width=text.width, heads=text.num_heads, layers=text.depth,
                     mlp_ratio=text.mlp_dim / text.width, pool_type="last", **common)
     torch.manual_seed(0)
-    return open_clip.model.CLIP(config.model.embed_dim, vision_cfg, text_cfg), dims["num_heads"]
+    return open_clip.model.CLIP(config.model.embed_dim, vision_cfg, text_cfg)
 
 
 def step_inputs(config, rng):
@@ -107,12 +107,11 @@ def torch_step_fn(model, config):
 
 def compare_steps(rounds: int, steps: int, peak: float) -> str:
     config = clip_ti_config()
-    model, image_heads = open_clip_model(config)
+    model = open_clip_model(config)
     run = bigalign.build(config)
     state = run.init_state()
     torch_state = {name: value.detach().numpy() for name, value in model.state_dict().items()}
-    params = params_from_open_clip(torch_state, state.params, image_heads=image_heads,
-                                   text_heads=config.model.text.num_heads)
+    params = params_from_open_clip(torch_state, state.params)
     state = state.replace(params=jax.device_put(params, run.state_sharding.params))
     pixels, tokens = step_inputs(config, np.random.default_rng(0))
     batch = run.global_batch({"image": pixels, "text": tokens})
