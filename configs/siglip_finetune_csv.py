@@ -9,26 +9,23 @@ python -m bigalign.train --config configs/siglip_finetune_csv.py:/runs/siglip_b1
 The argument is the workdir of the imported model (or of any bigalign SigLIP run): the
 model section (both towers, the shared width) and the text section (tokenizer, its
 vocabulary and text length) are copied from the config saved there, the image size
-too, and both towers start from its checkpoint (`model.<tower>.init_from`). The CSV
-has a `filepath` and a `caption` column (bigalign/data/csv_source.py; other names with
-data.csv_image_column and data.csv_text_column).
+too, and every parameter, the logit scale and bias among them, starts from its
+checkpoint (`model.init_from`). The CSV has a `filepath` and a `caption` column
+(bigalign/data/csv_source.py; other names with data.csv_image_column and
+data.csv_text_column).
 
 Where the settings come from:
 - big_vision's SigLIP fine-tuning example (big_vision/configs/proj/image_text/
   siglip_lit_coco.py, "Minimal SigLIP example", which tunes on coco_captions from
-  pre-trained towers): 5000 steps at batch 512, the sigmoid loss, Adam (with SigLIP's
-  beta2 0.95, from the SigLIP paper), cosine decay
-  after a warmup of max(3% of the steps, 100), gradient clipping at norm 1.0, decay in
-  big_vision's convention (weight_decay_mode="big_vision", kernels only).
+  pre-trained towers): 5000 steps at batch 512, the sigmoid loss, Adam
+  (optax.scale_by_adam's beta2 0.999), cosine decay after a warmup of max(3% of the
+  steps, 100), gradient clipping at norm 1.0, decay in big_vision's convention
+  (weight_decay_mode="big_vision", kernels only).
 - bigalign's choices for tuning both towers (that example locks the image tower and
   trains its text tower at 1e-3): learning rate 1e-4, ten times lower, since both
   towers start trained; no weight decay, which would pull the released weights
   towards zero rather than towards where they started.
-- The logit scale and bias start from the SigLIP initialisation (t' = log 10,
-  b = -10; the SigLIP paper), not from the checkpoint: init_from loads towers only.
 """
-
-import math
 
 from bigalign import config as config_lib
 from bigalign.errors import UserError
@@ -49,15 +46,15 @@ def get_config(siglip_run: str = ""):
     config.total_steps = TOTAL_STEPS
     config.checkpoint_every = 1000
     config.optimizer.update(
-        learning_rate=1e-4, warmup_steps=max(int(0.03 * TOTAL_STEPS), 100), b2=0.95,
+        learning_rate=1e-4, warmup_steps=max(int(0.03 * TOTAL_STEPS), 100), b2=0.999,
         weight_decay=0.0, weight_decay_mode="big_vision", weight_decay_mask="kernels",
         grad_clip_norm=1.0,
     )
     config.data.update(name="csv:/data/train.csv", image_size=source.data.image_size)
     config.text.update(source.text)
     config.model.update(source.model)
-    config.model.update(init_logit_scale=math.log(10.0), init_logit_bias=-10.0)
-    for tower in ("image", "text"):
-        config.model[tower].update(init_from=siglip_run, frozen=False)
+    config.model.init_from = siglip_run
+    for tower in ("image", "text"):  # both train, from the checkpoint's values
+        config.model[tower].update(init_from="", frozen=False)
     config.loss.name = "sigmoid"
     return config

@@ -161,12 +161,13 @@ def test_lit_locks_the_image_tower_of_the_run_it_is_given(saved_runs):
         recipe("lit")
 
 
-def test_siglip_finetuning_starts_both_towers_from_the_given_run(saved_runs):
+def test_siglip_finetuning_starts_every_parameter_from_the_given_run(saved_runs):
     run = saved_runs["siglip_b16"]
     config = recipe("siglip_finetune_csv", run)
     siglip = recipe("siglip_b16")
+    assert config.model.init_from == run  # the towers, the logit scale and bias
     for tower in ("image", "text"):
-        assert config.model[tower].init_from == run and not config.model[tower].frozen
+        assert not config.model[tower].init_from and not config.model[tower].frozen
     assert parameter_counts(config) == parameter_counts(siglip)
     assert config.text.to_dict() == siglip.text.to_dict()
     assert config.data.name.startswith("csv:") and config.loss.name == "sigmoid"
