@@ -257,6 +257,12 @@ def _validate_model(config, require, *, fsdp: int) -> None:
             f"{key}.width={tower['width']} is not divisible by mesh.fsdp={fsdp}, over which "
             f"parameters are split; pick an fsdp size that divides it",
         )
+        require(
+            tower["projection"] == "linear" or tower["width"] == model.embed_dim,
+            f"{key}.projection='none' uses the pooled features as the embedding, but "
+            f"width={tower['width']} is not model.embed_dim={model.embed_dim}; make them equal "
+            f"or use projection='linear'",
+        )
         poolings = encoders.get(tower["kind"]).poolings
         require(
             tower["pool"] in poolings, f"{key}.pool={tower['pool']!r} is unknown; valid: {', '.join(poolings)}"

@@ -42,7 +42,8 @@ def encoder_forward_flops(tower: Mapping, input_shape: tuple) -> int:
 
 def tower_forward_flops(tower: Mapping, input_shape: tuple, embed_dim: int) -> int:
     """FLOPs of one example through a tower: its encoder, then the projection to `embed_dim`."""
-    return encoder_forward_flops(tower, input_shape) + 2 * tower["width"] * embed_dim
+    projects = tower.get("projection", "linear") != "none"
+    return encoder_forward_flops(tower, input_shape) + 2 * tower["width"] * embed_dim * projects
 
 
 def train_step_flops(

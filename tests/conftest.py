@@ -80,3 +80,20 @@ def tokenizer(tmp_path_factory):
 
     path = tmp_path_factory.mktemp("tokenizer") / "tok.model"
     return tokenizer_lib.train_tokenizer(synthetic.caption_corpus(), str(path), 128)
+
+
+@pytest.fixture(scope="session")
+def t5_style_model(tmp_path_factory) -> str:
+    """A small sentencepiece model with T5's special ids (pad 0, EOS 1, unk 2), as
+    big_vision's c4_en for SigLIP: the path of its .model file."""
+    import sentencepiece as spm
+
+    from bigalign.data import synthetic
+
+    corpus = [*synthetic.caption_corpus(), "Élan élan ÉLAN", "Zürich zürich", "RED Blue"]
+    path = tmp_path_factory.mktemp("siglip") / "sentencepiece.model"
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(corpus), model_prefix=str(path.with_suffix("")),
+        vocab_size=160, model_type="bpe", hard_vocab_limit=False, character_coverage=1.0,
+        pad_id=0, eos_id=1, unk_id=2, bos_id=-1, num_threads=1, minloglevel=2)
+    return str(path)

@@ -447,7 +447,7 @@ def test_parse_variant():
 def model_config(**model):
     """A `config.model` with an image, a text and an audio tower."""
     dims = dict(variant="", width=32, depth=1, num_heads=2, mlp_dim=64, init_from="",
-                projection_bias=False)
+                projection="linear", projection_bias=False)
     config = dict(
         embed_dim=16,
         max_logit_scale=0.0,
@@ -472,7 +472,7 @@ def test_resolve_towers_reads_every_tower_and_model_settings():
     resolved = towers.resolve_towers(config, vocab_size=100, max_len=12)
     assert towers.tower_names(config) == list(resolved) == ["image", "spectrum", "text"]
     shared = dict(dropout_rate=0.1, dtype=jnp.bfloat16, remat="dots", scan_layers=True)
-    shared.update(projection_bias=False)
+    shared.update(projection="linear", projection_bias=False)
     assert resolved["image"] == dict(kind="vit", patch_size=16, pool="gap", **sizes.VARIANTS["B"], **shared)
     assert resolved["text"] == dict(
         kind="text", pool="last", causal=False, vocab_size=100, max_len=12, **sizes.VARIANTS["S"], **shared

@@ -105,18 +105,6 @@ def test_a_file_that_is_not_clip_merges_is_a_user_error(tmp_path):
 # --- SigLIP ----------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def t5_style_model(tmp_path_factory) -> str:
-    """A small sentencepiece model with T5's special ids (pad 0, EOS 1, unk 2), as c4_en."""
-    corpus = [*synthetic.caption_corpus(), "Élan élan ÉLAN", "Zürich zürich", "RED Blue"]
-    path = tmp_path_factory.mktemp("siglip") / "sentencepiece.model"
-    spm.SentencePieceTrainer.train(
-        sentence_iterator=iter(corpus), model_prefix=str(path.with_suffix("")),
-        vocab_size=160, model_type="bpe", hard_vocab_limit=False, character_coverage=1.0,
-        pad_id=0, eos_id=1, unk_id=2, bos_id=-1, num_threads=1, minloglevel=2)
-    return str(path)
-
-
 def test_siglip_sticky_eos_and_padding_one_as_big_vision_documents(t5_style_model):
     # big_vision/pp/ops_text.py, get_pp_tokenize, case `eos="sticky", pad_value=1`
     # with max_len=3: "a" -> [a, 1, 1], "aa" -> [a, a, 1], "aaa" -> [a, a, 1].

@@ -39,7 +39,10 @@ SHARED_OPTIONS = dict(
     # "quick_gelu" (OpenAI's CLIPs); and the LayerNorm epsilon (torch's is 1e-5).
     activation=Key("gelu_tanh", OneOf(tuple(ACTIVATIONS))),
     layer_norm_epsilon=Key(1e-6, Number(above=0)),
-    projection_bias=False,  # a bias in the projection to the shared space (SigLIP's heads)
+    # The map to the shared space: "linear", or "none" (the pooled features are the
+    # embedding: big_vision's SigLIP image tower; width must equal model.embed_dim).
+    projection=Key("linear", OneOf(("linear", "none"))),
+    projection_bias=False,  # a bias in the linear projection (SigLIP's text head)
     variant="",  # a named size ("B/16", "So400m/14"; text: "B"): sets the sizes above
     frozen=False,  # LiT: no gradient and no optimizer state for this tower
     # A bigalign workdir (or checkpoint step dir) to load this tower from.

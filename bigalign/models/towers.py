@@ -2,8 +2,8 @@
 
 Every modality (`image`, `text`, `audio`, ...) has an encoder (a ViT, a text
 Transformer, an audio Transformer) followed by a linear projection to `embed_dim`
-(bias-free as in CLIP, or with a bias as SigLIP's heads: `projection_bias`) and L2
-normalisation. The model also owns the learnable logit scale (stored as its log, so
+(bias-free as in CLIP, or with a bias as SigLIP's text head: `projection_bias`; or
+none, as SigLIP's image tower: `projection="none"`) and L2 normalisation. The model also owns the learnable logit scale (stored as its log, so
 it stays positive; optionally capped, as open_clip caps it at 100) and bias (SigLIP)
 that the loss uses.
 
@@ -35,13 +35,14 @@ class Tower(nn.Module):
     kind: str
     encoder_kwargs: Mapping[str, Any]
     embed_dim: int
+    projection: str = "linear"  # or "none": the features are the embedding (W = embed_dim)
     projection_bias: bool = False
 
     @nn.compact
     def __call__(self, inputs, *, deterministic: bool = True):
         encoder = encoders.get(self.kind).module(**self.encoder_kwargs, name="encoder")
         features, tokens = encoder(inputs, deterministic=deterministic)  # [B, W], [B, T, W]
-        embeddings = nn.Dense(
+        embeddings = features if self.projection == "none" else nn.Dense(
             self.embed_dim,
             use_bias=self.projection_bias,
             dtype=encoder.dtype,
@@ -53,10 +54,14 @@ class Tower(nn.Module):
         return embeddings / jnp.linalg.norm(embeddings, axis=-1, keepdims=True).clip(1e-6), tokens
 
 
+PROJECTION_KEYS = ("projection", "projection_bias")  # the Tower's own; the rest the encoder's
+
+
 def tower_module(tower: Mapping[str, Any], embed_dim: int, name: str | None = None) -> Tower:
-    """The Tower of one `resolve_towers` entry ({"kind", "projection_bias", encoder kwargs})."""
-    kwargs = {k: v for k, v in tower.items() if k not in ("kind", "projection_bias")}
-    return Tower(tower["kind"], kwargs, embed_dim, tower.get("projection_bias", False), name=name)
+    """The Tower of one `resolve_towers` entry ({"kind", PROJECTION_KEYS, encoder kwargs})."""
+    kwargs = {k: v for k, v in tower.items() if k not in ("kind", *PROJECTION_KEYS)}
+    projection = {key: tower[key] for key in PROJECTION_KEYS if key in tower}
+    return Tower(tower["kind"], kwargs, embed_dim, **projection, name=name)
 
 
 class ContrastiveModel(nn.Module):
@@ -122,7 +127,7 @@ def resolve_towers(
     depth, num_heads and mlp_dim, and its patch_size when it names one. Model-level
     dropout_rate, compute_dtype, remat and scan_layers apply to every tower; a kind
     that asks for them (text) also gets the tokenizer's vocabulary size and the maximum
-    length. `projection_bias` is kept for the Tower; the other keys that are not encoder
+    length. PROJECTION_KEYS are kept for the Tower; the other keys that are not encoder
     arguments (frozen, init_from, variant) are dropped.
     """
     if model_config.compute_dtype not in COMPUTE_DTYPES:
@@ -148,7 +153,7 @@ def resolve_towers(
         )
         context = dict(vocab_size=vocab_size, max_len=max_len)
         kwargs.update({key: context[key] for key in kind.context})
-        towers[name] = {"kind": tower.kind, "projection_bias": tower.projection_bias, **kwargs}
+        towers[name] = {"kind": tower.kind, **{key: tower[key] for key in PROJECTION_KEYS}, **kwargs}
     return towers
 
 

@@ -26,7 +26,7 @@ import numpy as np
 
 from bigalign import config as config_lib
 from bigalign.errors import UserError
-from bigalign.published.tensors import TensorTaker, check_complete, stack_blocks
+from bigalign.published.tensors import TensorTaker, check_complete, encoder_shape, model_blocks
 
 # The ViT CLIPs whose attention heads are 64 wide in both towers (open_clip's
 # model_configs; ViT-g and ViT-bigG use other head widths, SigLIP ones timm towers).
@@ -126,17 +126,10 @@ def _block(take, prefix: str, num_heads: int) -> dict:
 
 
 def _encoder(take, prefix: str, like: dict, final_norm: str) -> dict:
-    """The blocks under `prefix`.resblocks and the final LayerNorm, shaped like `like`
-    (blocks `block0`.. or, scanned, one `blocks` tree with a leading layer axis)."""
-    if "blocks" in like:  # query kernels [layers, W, heads, kv]
-        depth, _, num_heads, _ = like["blocks"]["attention"]["query"]["kernel"].shape
-    else:  # [W, heads, kv] per block
-        num_heads = like["block0"]["attention"]["query"]["kernel"].shape[1]
-        depth = sum(name.startswith("block") for name in like)
+    """The blocks under `prefix`.resblocks and the final LayerNorm, laid out like `like`."""
+    depth, num_heads = encoder_shape(like)
     blocks = [_block(take, f"{prefix}.resblocks.{i}", num_heads) for i in range(depth)]
-    stacked = {"blocks": stack_blocks(blocks)} if "blocks" in like else {
-        f"block{i}": block for i, block in enumerate(blocks)}
-    return {**stacked, "ln_final": _layer_norm(take, final_norm)}
+    return {**model_blocks(blocks, like), "ln_final": _layer_norm(take, final_norm)}
 
 
 def params_from_open_clip(state: dict[str, np.ndarray], like, source: str = "open_clip") -> dict:

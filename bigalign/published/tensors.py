@@ -32,9 +32,23 @@ class TensorTaker:
         return sorted(set(self.state) - self.used)
 
 
-def stack_blocks(blocks: list[dict]) -> dict:
-    """Per-block parameter trees -> one tree with a leading layer axis (scan_layers=True)."""
-    return jax.tree.map(lambda *layers: np.stack(layers), *blocks)
+def encoder_shape(like_encoder: dict) -> tuple[int, int]:
+    """(depth, attention heads) of a model's encoder parameters (or their shapes):
+    blocks `block0`.. with query kernels [W, heads, kv], or (scan_layers=True) one
+    `blocks` tree stacked on a leading layer axis."""
+    if "blocks" in like_encoder:
+        depth, _, heads, _ = like_encoder["blocks"]["attention"]["query"]["kernel"].shape
+        return depth, heads
+    heads = like_encoder["block0"]["attention"]["query"]["kernel"].shape[1]
+    return sum(name.startswith("block") for name in like_encoder), heads
+
+
+def model_blocks(blocks: list[dict], like_encoder: dict) -> dict:
+    """Per-block parameter trees laid out as the model's encoder has them: `block{i}`,
+    or stacked on a leading layer axis as `blocks` (scan_layers=True)."""
+    if "blocks" in like_encoder:
+        return {"blocks": jax.tree.map(lambda *layers: np.stack(layers), *blocks)}
+    return {f"block{i}": block for i, block in enumerate(blocks)}
 
 
 def check_complete(params, like, taker: TensorTaker) -> None:
