@@ -71,7 +71,9 @@ def get_config():
         remat="dots_no_batch",
         scan_layers=True,
     )
-    config.model.image.update(variant="B/16", pool="map")
+    # The released SigLIPs' image tower has no head (out_dim=(None, 768), big_vision's
+    # SigLIP_demo.ipynb): the attention pooling's output is the embedding.
+    config.model.image.update(variant="B/16", pool="map", projection="none")
     # big_vision's text tower (models/proj/image_text/text_transformer.py): bidirectional,
     # no padding mask, pooled at the final position ("last" there), a head with a bias.
     config.model.text.update(variant="B", causal=False, mask_padding=False, pool="final",
