@@ -298,6 +298,9 @@ def _validate_pairs(config, require) -> None:
 RUN_DEFINING = ("seed", "batch_size", "text.", "model.", "data.name", "data.train_split",
                 "data.seed", "data.num_train", "data.image_size", "data.audio.",
                 "data.num_workers", "imports")
+# ... of which these shape the parameters: all that must hold when a run starts from
+# parameters alone (an imported model's step 0), with its own data, batch and seed.
+PARAMETER_DEFINING = ("text.", "model.", "data.image_size", "data.audio.", "imports")
 # ... except these, which change how the same model is computed or started (and a
 # tower's init_from and patch_dropout: FLIP tunes without the mask at the end).
 HARMLESS_MODEL_KEYS = ("model.remat", "model.compute_dtype", "model.dropout_rate",
@@ -346,11 +349,12 @@ def load_saved(workdir: str) -> ml_collections.ConfigDict | None:
         raise UserError(f"cannot read the saved config {path}: {error}; restore or delete it") from None
 
 
-def check_resume(saved, config, workdir: str) -> list[str]:
+def check_resume(saved, config, workdir: str, defining: tuple = RUN_DEFINING) -> list[str]:
     """Compares the config a run was started with to the one resuming it.
 
-    A change of a run-defining key (RUN_DEFINING) raises UserError naming the key;
-    the other changes are returned as "key: old -> new" lines.
+    A change of a `defining` key (RUN_DEFINING, or PARAMETER_DEFINING for a start from
+    parameters alone) raises UserError naming the key; the other changes are returned
+    as "key: old -> new" lines.
     """
     old, new = _flat(saved), _flat(config)
     changes = []
@@ -358,10 +362,10 @@ def check_resume(saved, config, workdir: str) -> list[str]:
         before, after = old.get(key, "(unset)"), new.get(key, "(unset)")
         if before == after:
             continue
-        defining = key.startswith(RUN_DEFINING) and not (
+        is_defining = key.startswith(defining) and not (
             key in HARMLESS_MODEL_KEYS or key.endswith(HARMLESS_TOWER_KEYS)
         )
-        if defining:
+        if is_defining:
             raise UserError(
                 f"{key} is {before!r} in the run in {workdir} but {after!r} now; its checkpoints "
                 f"belong to the saved config ({SAVED_CONFIG}): resume with {key}={before!r}, or "

@@ -51,7 +51,8 @@ def _start_or_resume(config, workdir: str, checkpointer) -> int | None:
     start_step = checkpointer.latest_step()
     saved = config_lib.load_saved(workdir) if start_step is not None else None
     if saved is not None:
-        changes = config_lib.check_resume(saved, config, workdir)
+        defining = config_lib.PARAMETER_DEFINING if start_step == 0 else config_lib.RUN_DEFINING
+        changes = config_lib.check_resume(saved, config, workdir, defining)
         if changes:
             distributed.say(f"Config changed since the run started: {'; '.join(changes)}")
     if distributed.is_writer():

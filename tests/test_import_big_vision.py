@@ -5,14 +5,16 @@ pass of that architecture written from big_vision's description, not from bigali
 modules."""
 
 import os
+import shutil
 import sys
 
+import jax
 import numpy as np
 import pytest
 import sentencepiece as spm
 
 import bigalign
-from bigalign import config as config_lib
+from bigalign import config as config_lib, train
 from bigalign.errors import UserError
 from bigalign.published import big_vision
 from helpers import random_seed
@@ -161,20 +163,35 @@ def big_vision_ids(model_file, texts, length):
     return np.asarray([row + [1] * (length - len(row)) for row in rows])
 
 
-def test_embeddings_and_scale_equal_the_published_architecture(t5_style_model, tmp_path):
+@pytest.fixture(scope="module")
+def imported(t5_style_model, tmp_path_factory):
+    """(the checkpoint's arrays, the workdir the tool imported them into, the seed)."""
     seed = random_seed()
-    rng = np.random.default_rng(seed)
     vocab = spm.SentencePieceProcessor(model_file=t5_style_model).get_piece_size()
-    arrays = siglip_npz(rng, vocab)
-    weights = str(tmp_path / "siglip.npz")
+    arrays = siglip_npz(np.random.default_rng(seed), vocab)
+    directory = tmp_path_factory.mktemp("big_vision")
+    weights = str(directory / "siglip.npz")
     np.savez(weights, **arrays)
-    workdir = str(tmp_path / "run")
+    workdir = str(directory / "run")
     assert import_big_vision.main(["--weights", weights, "--tokenizer", t5_style_model,
                                    "--workdir", workdir]) == 0
+    assert import_big_vision.main(["--weights", weights, "--tokenizer", t5_style_model,
+                                   "--workdir", workdir]) == 1  # "already holds a run"
+    p = unstacked({name.removeprefix("params/"): value for name, value in arrays.items()})
+    return p, workdir, seed
+
+
+def small_config(workdir, **changes):
     config = config_lib.load_saved(workdir)
     config.eval.batch_size = 8
-    loaded = bigalign.load(workdir, config=config)
-    p = unstacked({name.removeprefix("params/"): value for name, value in arrays.items()})
+    config.update(changes)
+    return config
+
+
+def test_embeddings_and_scale_equal_the_published_architecture(imported, t5_style_model):
+    p, workdir, seed = imported
+    rng = np.random.default_rng(seed)
+    loaded = bigalign.load(workdir, config=small_config(workdir))
     pixels = rng.integers(0, 256, (3, IMAGE["size"], IMAGE["size"], 3), dtype=np.uint8)
     np.testing.assert_allclose(loaded.embed_image(pixels), reference_image_embeddings(p, pixels),
                                atol=2e-5, rtol=0, err_msg=f"seed {seed}")
@@ -183,6 +200,37 @@ def test_embeddings_and_scale_equal_the_published_architecture(t5_style_model, t
                                atol=2e-5, rtol=0, err_msg=f"seed {seed}")
     assert loaded.logit_scale == pytest.approx(np.exp(p["t"][0]), rel=1e-6)
     assert loaded.logit_bias == pytest.approx(p["b"][0], rel=1e-6)
+
+
+@pytest.mark.parametrize("where", ["model.init_from", "the imported workdir"])
+def test_training_starts_from_the_import(imported, tmp_path, where):
+    """One step of fine-tuning, in a new run with model.init_from or in the imported
+    workdir itself: every parameter moves at most about the learning rate from the
+    import (Adam's first step is ~lr per element); a fresh initialisation is ~0.3 away."""
+    p, workdir, seed = imported
+    config = small_config(workdir, batch_size=8, total_steps=1, checkpoint_every=1)
+    config.optimizer.update(warmup_steps=0, learning_rate=1e-4)
+    config.data.update(num_train=16, num_eval=8)
+    config.evals = {}
+    run_dir = str(tmp_path / "tuned")
+    if where == "model.init_from":
+        config.model.init_from = workdir
+    else:
+        shutil.copytree(workdir, run_dir)  # (its config still names the tokenizer there)
+    train.train_and_evaluate(config, run_dir)
+    tuned = bigalign.load(run_dir, 1, config=config)
+    start = bigalign.load(workdir, config=small_config(workdir))
+    moved = [float(np.max(np.abs(np.asarray(a) - np.asarray(b))))
+             for a, b in zip(jax.tree.leaves(tuned.params), jax.tree.leaves(start.params))]
+    assert max(moved) < 3e-4, f"seed {seed}"
+    assert tuned.logit_bias == pytest.approx(p["b"][0], abs=3e-4)
+
+
+def test_projection_none_needs_the_embedding_width(imported):
+    config = small_config(imported[1])
+    config.model.embed_dim = IMAGE["width"] * 2
+    with pytest.raises(UserError, match="projection='none' uses the pooled features"):
+        config_lib.validate(config)
 
 
 def test_a_checkpoint_of_another_shape_is_refused(tmp_path):
