@@ -6,7 +6,7 @@ clip [B, width], pooled by `gap`, `cls` or `map` as in `vit`. The spectrogram
 is read as a one-channel image, so all of the patch encoder is the ViT's.
 """
 
-from bigalign.models.encoders import ENCODERS, EncoderKind
+from bigalign.models.encoders import ENCODERS, TRANSFORMER_OPTIONS, EncoderKind
 from bigalign.models.vit import POOLINGS, VisionTransformer, patch_embedding_flops
 from bigalign.schema import Integer, Key
 
@@ -19,6 +19,7 @@ class AudioTransformer(VisionTransformer):
 
 
 ENCODERS.register("audio", EncoderKind(
-    AudioTransformer, options=dict(patch_size=Key(4, Integer(low=1)), pool="gap"), poolings=POOLINGS,
+    AudioTransformer, options=dict(**TRANSFORMER_OPTIONS, patch_size=Key(4, Integer(low=1)), pool="gap"),
+    poolings=POOLINGS,
     embedding_flops=lambda tower, shape: patch_embedding_flops(tower, shape, channels=1),
 ))

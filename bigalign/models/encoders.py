@@ -28,17 +28,13 @@ from bigalign.schema import Integer, Key, Number, OneOf, Path
 ENCODERS = Registry("tower kind")
 
 # Keys every tower config has, whatever its kind (schema.py: defaults and constraints);
-# those in ENCODER_ARGUMENTS become encoder arguments.
+# the first five become encoder arguments.
 SHARED_OPTIONS = dict(
     width=Key(64, Integer(low=1)),
     depth=Key(2, Integer(low=0)),  # 0: no blocks (an encoder without layers)
     num_heads=Key(2, Integer(low=1)),
     mlp_dim=Key(256, Integer(low=1)),
     pool="",  # set by the kind's options; its valid values are the kind's poolings
-    # The MLP's nonlinearity: "gelu_tanh" (flax, big_vision), "gelu" (open_clip),
-    # "quick_gelu" (OpenAI's CLIPs); and the LayerNorm epsilon (torch's is 1e-5).
-    activation=Key("gelu_tanh", OneOf(tuple(ACTIVATIONS))),
-    layer_norm_epsilon=Key(1e-6, Number(above=0)),
     # The map to the shared space: "linear", or "none" (the pooled features are the
     # embedding: big_vision's SigLIP image tower; width must equal model.embed_dim).
     projection=Key("linear", OneOf(("linear", "none"))),
@@ -48,8 +44,15 @@ SHARED_OPTIONS = dict(
     # A bigalign workdir (or checkpoint step dir) to load this tower from.
     init_from=Key("", Path("directory")),
 )
-ENCODER_ARGUMENTS = ("width", "depth", "num_heads", "mlp_dim", "pool", "activation",
-                     "layer_norm_epsilon")
+ENCODER_ARGUMENTS = ("width", "depth", "num_heads", "mlp_dim", "pool")
+
+# Options of the kinds built on transformer.Encoder (vit, text, audio), for their
+# `options`: the MLP's nonlinearity ("gelu_tanh": flax, big_vision; "gelu": open_clip;
+# "quick_gelu": OpenAI's CLIPs) and the LayerNorm epsilon (torch's is 1e-5).
+TRANSFORMER_OPTIONS = dict(
+    activation=Key("gelu_tanh", OneOf(tuple(ACTIVATIONS))),
+    layer_norm_epsilon=Key(1e-6, Number(above=0)),
+)
 
 
 class EncoderOutput(NamedTuple):

@@ -15,7 +15,7 @@ non-padding tokens: CLIP's BPE gives "!" id 0, the padding id, inside a text.
 import flax.linen as nn
 import jax.numpy as jnp
 
-from bigalign.models.encoders import ENCODERS, EncoderKind, EncoderOutput
+from bigalign.models.encoders import ENCODERS, TRANSFORMER_OPTIONS, EncoderKind, EncoderOutput
 from bigalign.models.transformer import Dtype, map_head, partitioned, tower_encoder
 
 POOLINGS = ("last", "first", "final", "map")
@@ -79,7 +79,8 @@ class TextTransformer(nn.Module):
 
 
 ENCODERS.register("text", EncoderKind(
-    TextTransformer, options=dict(causal=True, pool="last", mask_padding=True), poolings=POOLINGS,
+    TextTransformer, options=dict(**TRANSFORMER_OPTIONS, causal=True, pool="last", mask_padding=True),
+    poolings=POOLINGS,
     embedding_flops=lambda tower, shape: (0, shape[0]),  # a table lookup: no multiply-adds
     context=("vocab_size", "max_len"),
 ))

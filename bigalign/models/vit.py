@@ -19,7 +19,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from bigalign.models.encoders import ENCODERS, EncoderKind, EncoderOutput
+from bigalign.models.encoders import ENCODERS, TRANSFORMER_OPTIONS, EncoderKind, EncoderOutput
 from bigalign.models.transformer import Dtype, layer_norm, map_head, partitioned, tower_encoder
 from bigalign.schema import Integer, Key, Number, OneOf
 
@@ -138,7 +138,7 @@ def patch_embedding_flops(tower, input_shape, channels: int = 3) -> tuple[int, i
 
 ENCODERS.register("vit", EncoderKind(
     VisionTransformer,
-    options=dict(patch_size=Key(4, Integer(low=1)), pool="gap",
+    options=dict(**TRANSFORMER_OPTIONS, patch_size=Key(4, Integer(low=1)), pool="gap",
                  patch_dropout=Key(0.0, Number(low=0, below=1)),  # FLIP; 0.5 halves the tokens
                  ln_pre=False, patch_bias=True,
                  pixel_norm=Key("unit", OneOf(tuple(PIXEL_NORMS)))),
