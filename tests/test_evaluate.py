@@ -20,19 +20,21 @@ def unit(rng, *shape):
     return (x / np.linalg.norm(x, axis=-1, keepdims=True)).astype(np.float32)
 
 
-def coarse_unit(rng, n, e):
-    """Unit vectors on a coarse grid, so many similarities tie exactly."""
-    x = rng.integers(-1, 2, size=(n, e)).astype(np.float32)
-    x[np.all(x == 0, axis=1), 0] = 1.0
-    return x / np.linalg.norm(x, axis=1, keepdims=True)
+def coarse_grid(rng, n, e):
+    """Vectors with entries in {-1/2, 0, 1/2}: every dot product is exact in float32 in
+    any summation order, so equal similarities are exact ties on the device too (unit
+    vectors made of them were not: k / sqrt(a * b) rounds differently for each a, b)."""
+    x = rng.integers(-1, 2, size=(n, e)).astype(np.float32) / 2
+    x[np.all(x == 0, axis=1), 0] = 0.5
+    return x
 
 
 def test_top_k_ranks_like_a_stable_sort_with_ties_across_blocks(mesh, monkeypatch):
     rng = np.random.default_rng(random_seed())
     monkeypatch.setattr(ranking, "QUERY_BLOCK", 16)  # several blocks, the last one padded
-    queries, candidates = coarse_unit(rng, 45, 3), coarse_unit(rng, 30, 3)
-    # Exact ties: dot products of grid vectors are k/sqrt(a*b) with few distinct values.
-    similarity = (queries.astype(np.float64) @ candidates.T.astype(np.float64)).round(6)
+    queries, candidates = coarse_grid(rng, 45, 3), coarse_grid(rng, 30, 3)
+    # Exact ties: dot products of grid vectors take few distinct values, all exact.
+    similarity = queries.astype(np.float64) @ candidates.T.astype(np.float64)
     expected = np.argsort(-similarity, axis=1, kind="stable")[:, :7]
     ranked = ranking.top_k(queries, candidates, 7, mesh)
     assert ranked.shape == (45, 7)
