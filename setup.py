@@ -29,6 +29,7 @@ setup(
     extras_require={
         "test": [
             "pytest>=8.0",
+            "pytest-xdist>=3.5",  # pytest.ini runs the suite on every core (-n auto)
             # tests/test_notebook.py runs notebooks/quickstart.ipynb
             "nbclient>=0.10.0",
             "nbformat>=5.10.0",
