@@ -14,6 +14,9 @@ each ended by `jax.block_until_ready` on the new state and metrics. It prints:
 - the machine's matmul peak measured in this run (float32 and bf16, one device), the
   datasheet bf16 peak on GPUs and TPUs, and MFU against each. On CPU the simulated
   devices share the host's cores, so the peak is the host's, not per device;
+- the step's matmuls and convolutions (forward and backward, as its jaxpr has them),
+  each shape timed alone on one device: the most that removing every other cost
+  could reach, and the MFU ceiling it implies for this model's shapes (one device);
 - steps/s when the host waits for every step (as a loop that logs every step) and when
   it only waits at the end (as one that logs every 100): the cost of a host sync.
 
@@ -31,7 +34,7 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import bigalign  # noqa: E402
 from bigalign.metrics import markdown_table  # noqa: E402
-from machine_peak import describe_peaks  # noqa: E402
+from machine_peak import describe_peaks, products_alone  # noqa: E402
 
 MIB = 2**20
 
@@ -67,6 +70,7 @@ def bench(config, steps: int, warmup: int) -> str:
     state, times = time_steps(compiled, state, batch, steps, wait_every_step=True)
     state, (pipelined,) = time_steps(compiled, state, batch, steps, wait_every_step=False)
     peaks = describe_peaks()
+    alone, _, count = products_alone(run.train_step, state, batch)
 
     median = statistics.median(times)
     rate = run.flops_per_step / median
@@ -86,6 +90,14 @@ def bench(config, steps: int, warmup: int) -> str:
                                              " (measured, 1 device)")
             rows.append([label, f"{peak / 1e12:.4g} TFLOP/s"])
             rows.append([f"MFU vs {name}", f"{rate / (peak * peak_devices):.3f}"])
+    rows += [
+        [f"the step's {count} products timed alone", f"{alone * 1e3:.1f} ms"],
+        ["step time / products alone", f"{median / alone:.2f}"],
+    ]
+    for name, peak in peaks.items():
+        if peak:
+            rows.append([f"MFU ceiling vs {name} (products alone)",
+                         f"{run.flops_per_step / alone / (peak * peak_devices):.3f}"])
     rows += [
         ["steps/s, host waits every step", f"{1 / median:.3f}"],
         ["steps/s, host waits at the end", f"{steps / pipelined:.3f}"],

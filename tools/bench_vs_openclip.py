@@ -15,7 +15,10 @@ forward, ClipLoss, backward, global-norm clipping at 1.0, fused AdamW (weight de
 the matrices, as bigalign's). bigalign's is `Run.train_step`. Per round each takes
 `--steps` steps; the table gives the median step time over rounds, samples/s, the
 ratio, and MFU: bigalign's count of the step's matmul FLOPs over the time, against
-the float32 matmul peak measured in this run.
+the float32 matmul peak measured in this run. The last row is the step's matmuls and
+convolutions (forward and backward, as its jaxpr has them), each shape timed alone:
+the most any removal of the other work could reach, so the MFU that row gives is
+the ceiling for this model's shapes on this machine.
 
 Losses: forward + backward (w.r.t. both embeddings and the scale, and the bias for
 sigmoid) at each global batch B, D = `--dim`, one device. bigalign's all-gather and
@@ -43,7 +46,7 @@ from bigalign.models.sizes import parse_variant  # noqa: E402
 from bigalign.models.vit import normalise_pixels  # noqa: E402
 from bigalign.metrics import markdown_table  # noqa: E402
 from bench_configs import clip_ti_config  # noqa: E402
-from machine_peak import best_seconds, matmul_peak, matmul_rate  # noqa: E402
+from machine_peak import best_seconds, matmul_peak, matmul_rate, products_alone  # noqa: E402
 from bigalign.published.open_clip import params_from_open_clip  # noqa: E402
 
 try:
@@ -140,6 +143,10 @@ def compare_steps(rounds: int, steps: int, peak: float) -> str:
              f"{median['open_clip'] / median[name]:.2f}x",
              f"{run.flops_per_step / median[name] / peak:.3f}", f"{first[name]:.7f}"]
             for name in ("bigalign", "open_clip")]
+    alone, _, count = products_alone(run.train_step, state, batch)
+    rows.append([f"bigalign's {count} products alone", f"{alone * 1e3:.0f}", "",
+                 f"{config.batch_size / alone:.1f}", f"{median['open_clip'] / alone:.2f}x",
+                 f"{run.flops_per_step / alone / peak:.3f}", ""])
     note = (f"first-step losses differ by {abs(first['bigalign'] - first['open_clip']):.1e}; "
             f"{run.flops_per_step / 1e9:.1f} GFLOPs per step; {rounds} rounds of {steps} steps")
     return note + "\n\n" + markdown_table(

@@ -9,6 +9,7 @@ On GPUs and TPUs `published_peak` adds the vendor's dense bf16 number per device
 import time
 
 import jax
+import jax.extend
 import jax.numpy as jnp
 
 # Dense (no sparsity) bf16 TFLOP/s per device, from the vendors' datasheets.
@@ -66,3 +67,42 @@ def describe_peaks(dtypes=(jnp.float32, jnp.bfloat16)) -> dict:
     peaks = {jnp.dtype(d).name: matmul_peak(d) for d in dtypes}
     peaks["published bf16"] = published_peak()
     return peaks
+
+
+def _products(jaxpr, times: int, found: dict) -> None:
+    """Adds every dot_general and convolution of `jaxpr` (and of its sub-jaxprs; a scan's
+    body counts `length` times) to found: {key: [equation, count]}."""
+    for eqn in jaxpr.eqns:
+        if eqn.primitive.name in ("dot_general", "conv_general_dilated"):
+            key = (eqn.primitive.name, tuple((v.aval.shape, v.aval.dtype) for v in eqn.invars),
+                   repr(sorted(eqn.params.items())))
+            found.setdefault(key, [eqn, 0])[1] += times
+        repeat = times * eqn.params.get("length", 1) if eqn.primitive.name == "scan" else times
+        for value in eqn.params.values():
+            for sub in value if isinstance(value, (tuple, list)) else (value,):
+                if isinstance(sub, jax.extend.core.ClosedJaxpr):
+                    _products(sub.jaxpr, repeat, found)
+                elif isinstance(sub, jax.extend.core.Jaxpr):
+                    _products(sub, repeat, found)
+
+
+def products_alone(fn, *args, repeats: int = 3) -> tuple[float, float, int]:
+    """(seconds, FLOPs, count) of the matmuls and convolutions `fn(*args)` performs, forward
+    and backward as its jaxpr has them, each shape timed alone on one device.
+
+    Why: the step cannot be faster than its own products, and small or transposed
+    products run below the square-matmul peak; so the time they take alone bounds what
+    any removal of the other work (elementwise ops, copies, transposes) could reach.
+    """
+    found = {}
+    _products(jax.make_jaxpr(fn)(*args).jaxpr, 1, found)
+    keys = jax.random.split(jax.random.key(0), 2)
+    seconds = flops = count = 0
+    for eqn, times in found.values():
+        operands = [jax.random.normal(k, v.aval.shape).astype(v.aval.dtype)
+                    for k, v in zip(keys, eqn.invars)]
+        product = jax.jit(lambda *xs, eqn=eqn: eqn.primitive.bind(*xs, **eqn.params))
+        flops += times * product.lower(*operands).compile().cost_analysis()["flops"]
+        seconds += times * best_seconds(product, *operands, repeats=repeats)
+        count += times
+    return seconds, flops, count
