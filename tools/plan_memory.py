@@ -65,6 +65,7 @@ def main() -> None:
     import bigalign
     from bigalign import plan as planner
     from bigalign.metrics import markdown_table
+    from bigalign.models.sizes import parse_variant
 
     print("$ python tools/plan_memory.py " + " ".join(sys.argv[1:]), flush=True)
     rows = []
@@ -79,6 +80,9 @@ def main() -> None:
         config.grad_cache.num_chunks = plan["num_chunks"]
         config.model.image.variant = plan["variant"]
         config.model.text.variant = plan["variant"].partition("/")[0]
+        # The recipe's image tower has no head (as the released SigLIPs): the embedding
+        # is as wide as the variant (So400m: 1152, as SigLIP So400m/14's).
+        config.model.embed_dim = parse_variant(plan["variant"])[0]["width"]
         run = bigalign.build(config)
         start = time.perf_counter()
         memory = planner.compiled_memory(run)
