@@ -49,12 +49,11 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def launch(workdir, flags: list[str], *, compile_cache, processes: int = 2) -> list[subprocess.Popen]:
+def launch(workdir, flags: list[str], *, processes: int = 2) -> list[subprocess.Popen]:
     """`processes` CLI trainers of one job, each with 4 CPU devices."""
     address = f"localhost:{free_port()}"
     env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4",
-           "JAX_PLATFORMS": "cpu", "JAX_COMPILATION_CACHE_DIR": str(compile_cache),
-           "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0", "PYTHONUNBUFFERED": "1"}
+           "JAX_PLATFORMS": "cpu", "PYTHONUNBUFFERED": "1"}
     return [
         subprocess.Popen(
             [sys.executable, "-m", "bigalign.train", "--config", f"{REPO}/configs/demo.py",
@@ -113,11 +112,6 @@ def as_flags(overrides: dict) -> list[str]:
 
 
 @pytest.fixture(scope="module")
-def compile_cache(tmp_path_factory):
-    return tmp_path_factory.mktemp("jax_cache")
-
-
-@pytest.fixture(scope="module")
 def reference(tmp_path_factory):
     """The uninterrupted one-process, 8-device run of the same config."""
     workdir = tmp_path_factory.mktemp("one_process")
@@ -125,10 +119,9 @@ def reference(tmp_path_factory):
     return workdir
 
 
-def test_two_processes_train_like_one_stop_together_and_resume_on_one(tmp_path, reference,
-                                                                     compile_cache, capsys):
+def test_two_processes_train_like_one_stop_together_and_resume_on_one(tmp_path, reference, capsys):
     workdir = tmp_path / "two_processes"
-    processes = launch(workdir, as_flags(OVERRIDES), compile_cache=compile_cache)
+    processes = launch(workdir, as_flags(OVERRIDES))
     signalled = int(np.random.randint(2))  # a stop signal reaching one host only
     head = wait_for_step(processes, 10)
     processes[signalled].send_signal(signal.SIGTERM)
@@ -171,10 +164,8 @@ def test_two_processes_train_like_one_stop_together_and_resume_on_one(tmp_path, 
 
 
 @pytest.mark.parametrize("victim", [0, 1])  # the coordinator (seen at once), another (heartbeats)
-def test_killing_one_process_ends_the_other_within_the_heartbeat_timeout(tmp_path, compile_cache,
-                                                                         victim):
-    processes = launch(tmp_path / "run", as_flags({**OVERRIDES, "total_steps": 1000}),
-                       compile_cache=compile_cache)
+def test_killing_one_process_ends_the_other_within_the_heartbeat_timeout(tmp_path, victim):
+    processes = launch(tmp_path / "run", as_flags({**OVERRIDES, "total_steps": 1000}))
     survivor = processes[1 - victim]
     wait_for_step(processes, 3)
     processes[victim].send_signal(signal.SIGKILL)
@@ -188,7 +179,7 @@ def test_killing_one_process_ends_the_other_within_the_heartbeat_timeout(tmp_pat
     assert "the JAX distributed service detected fatal errors" in output, output[-3000:]
 
 
-def test_an_error_on_one_process_ends_the_job_and_is_printed_once(tmp_path, compile_cache):
+def test_an_error_on_one_process_ends_the_job_and_is_printed_once(tmp_path):
     """One unreadable image, data.max_skipped_fraction=0: the process that reads it fails
     with the one-line error, and the other ends within the heartbeat timeout."""
     rng = np.random.default_rng(np.random.randint(2**31))
@@ -198,8 +189,7 @@ def test_an_error_on_one_process_ends_the_job_and_is_printed_once(tmp_path, comp
                       "evals.retrieval.every": 0, "evals.geometry.every": 0, "evals.linear_probe.every": 0,
                       "data.max_skipped_fraction": 0.0})
     started = time.monotonic()
-    processes = launch(tmp_path / "run", [*flags, f"--config.data.name=csv:{index}"],
-                       compile_cache=compile_cache)
+    processes = launch(tmp_path / "run", [*flags, f"--config.data.name=csv:{index}"])
     outputs = [p.communicate(timeout=HEARTBEAT_SECONDS + 240)[0] for p in processes]
     elapsed = time.monotonic() - started
     codes = [p.returncode for p in processes]

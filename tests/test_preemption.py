@@ -28,20 +28,13 @@ PROGRESS = re.compile(r"^step +(\d+)/24 ", re.MULTILINE)
 RESUMED = re.compile(r"^Resuming from the checkpoint at step (\d+) ", re.MULTILINE)
 
 
-@pytest.fixture(scope="module")
-def compile_cache(tmp_path_factory):
-    """A JAX compilation cache the runs share: the later ones load the train step instead
-    of compiling it again (most of a short run's time)."""
-    return tmp_path_factory.mktemp("jax_cache")
-
-
-def start_run(workdir, compile_cache) -> subprocess.Popen:
+def start_run(workdir) -> subprocess.Popen:
+    """The demo's CLI trainer in `workdir`; it shares the session's compilation cache
+    (conftest.py's environment), so later runs load the train step instead of compiling it."""
     return subprocess.Popen(
         [sys.executable, "-m", "bigalign.train", "--config", f"{REPO}/configs/demo.py",
          "--workdir", str(workdir), *RUN],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=REPO,
-        env={**os.environ, "JAX_COMPILATION_CACHE_DIR": str(compile_cache),
-             "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0"},
     )
 
 
@@ -88,13 +81,13 @@ def losses(workdir) -> dict[int, float]:
     return {r["step"]: r["train/loss"] for r in records if "train/loss" in r}
 
 
-def test_sigkill_then_resume_is_bit_identical_to_an_uninterrupted_run(tmp_path, compile_cache):
+def test_sigkill_then_resume_is_bit_identical_to_an_uninterrupted_run(tmp_path):
     """One run SIGKILLed at 3 random steps, resumed after each: it must match a straight run.
 
     Each restart must resume from a step before the end and print a progress line for every
     step from there on: a kill that landed after training ended would fail here."""
     straight = tmp_path / "straight"
-    finish(start_run(straight, compile_cache))
+    finish(start_run(straight))
     expected_params, expected_losses = final_params(straight, 24), losses(straight)
     assert sorted(expected_losses) == list(range(1, 25))
 
@@ -104,7 +97,7 @@ def test_sigkill_then_resume_is_bit_identical_to_an_uninterrupted_run(tmp_path, 
         np.arange(7, 22), size=3, replace=False))
     workdir = tmp_path / "killed"
     for run_number, kill_at in enumerate([*kill_points, None]):
-        process = start_run(workdir, compile_cache)
+        process = start_run(workdir)
         output = "".join(run_to_step(process, kill_at or 24))
         if kill_at is None:
             output += finish(process)
@@ -128,8 +121,8 @@ def test_sigkill_then_resume_is_bit_identical_to_an_uninterrupted_run(tmp_path, 
         np.testing.assert_array_equal(expected, got, err_msg=f"seed {seed}")
 
 
-def test_sigterm_saves_the_current_step_and_exits_0(tmp_path, compile_cache):
-    process = start_run(tmp_path, compile_cache)
+def test_sigterm_saves_the_current_step_and_exits_0(tmp_path):
+    process = start_run(tmp_path)
     target = int(np.random.randint(2, 15))  # 10 steps (about a second) before the end
     lines = run_to_step(process, target)
     process.send_signal(signal.SIGTERM)
@@ -141,7 +134,7 @@ def test_sigterm_saves_the_current_step_and_exits_0(tmp_path, compile_cache):
     assert "Evaluation" not in output
     assert os.path.isdir(tmp_path / "checkpoints" / str(step))
     # The next launch resumes from exactly there (its first step is enough to show it).
-    process = start_run(tmp_path, compile_cache)
+    process = start_run(tmp_path)
     output = "".join(run_to_step(process, step + 1)) + kill(process)
     assert RESUMED.findall(output) == [str(step)], output[-2000:]
     assert PROGRESS.findall(output)[:1] == [str(step + 1)], output[-2000:]
