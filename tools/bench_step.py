@@ -70,7 +70,7 @@ def bench(config, steps: int, warmup: int) -> str:
     state, times = time_steps(compiled, state, batch, steps, wait_every_step=True)
     state, (pipelined,) = time_steps(compiled, state, batch, steps, wait_every_step=False)
     peaks = describe_peaks()
-    alone, _, count = products_alone(run.train_step, state, batch)
+    alone, product_flops, count = products_alone(run.train_step, state, batch)
 
     median = statistics.median(times)
     rate = run.flops_per_step / median
@@ -92,6 +92,7 @@ def bench(config, steps: int, warmup: int) -> str:
             rows.append([f"MFU vs {name}", f"{rate / (peak * peak_devices):.3f}"])
     rows += [
         [f"the step's {count} products timed alone", f"{alone * 1e3:.1f} ms"],
+        ["their TFLOPs (XLA's count; the model's above)", f"{product_flops / 1e12:.4g}"],
         ["step time / products alone", f"{median / alone:.2f}"],
     ]
     for name, peak in peaks.items():

@@ -143,12 +143,13 @@ def compare_steps(rounds: int, steps: int, peak: float) -> str:
              f"{median['open_clip'] / median[name]:.2f}x",
              f"{run.flops_per_step / median[name] / peak:.3f}", f"{first[name]:.7f}"]
             for name in ("bigalign", "open_clip")]
-    alone, _, count = products_alone(run.train_step, state, batch)
+    alone, product_flops, count = products_alone(run.train_step, state, batch)
     rows.append([f"bigalign's {count} products alone", f"{alone * 1e3:.0f}", "",
                  f"{config.batch_size / alone:.1f}", f"{median['open_clip'] / alone:.2f}x",
                  f"{run.flops_per_step / alone / peak:.3f}", ""])
     note = (f"first-step losses differ by {abs(first['bigalign'] - first['open_clip']):.1e}; "
-            f"{run.flops_per_step / 1e9:.1f} GFLOPs per step; {rounds} rounds of {steps} steps")
+            f"{run.flops_per_step / 1e9:.1f} GFLOPs per step ({product_flops / 1e9:.1f} in XLA's "
+            f"count of the products timed alone); {rounds} rounds of {steps} steps")
     return note + "\n\n" + markdown_table(
         ["train step", "median ms", "min ms", "samples/s", "samples/s vs open_clip",
          "MFU (f32 peak)", "first loss"], rows)
