@@ -8,16 +8,28 @@ import datetime
 import itertools
 import json
 import os
+import sys
 import time
 
 import numpy as np
 from etils import epath
-from tensorboardX.event_file_writer import EventsWriter
-from tensorboardX.proto.event_pb2 import Event, SessionLog
-from tensorboardX.proto.summary_pb2 import Summary
 
-from bigalign import distributed, workdir as workdir_lib
-from bigalign.errors import UserError
+# tensorboardX's package __init__ imports torch when it is installed (about 2 s per
+# process, and bigalign never imports torch); the event writer and protos need none
+# of it, so torch is hidden while they load (unless it is already imported).
+_hide_torch = "torch" not in sys.modules
+if _hide_torch:
+    sys.modules["torch"] = None  # `import torch` then raises ImportError, which it handles
+try:
+    from tensorboardX.event_file_writer import EventsWriter
+    from tensorboardX.proto.event_pb2 import Event, SessionLog
+    from tensorboardX.proto.summary_pb2 import Summary
+finally:
+    if _hide_torch:
+        del sys.modules["torch"]
+
+from bigalign import distributed, workdir as workdir_lib  # noqa: E402
+from bigalign.errors import UserError  # noqa: E402
 
 
 def _step_of(line: str) -> int | None:

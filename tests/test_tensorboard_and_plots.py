@@ -25,6 +25,16 @@ EVAL_METRICS = ("eval/zeroshot/image_top1", "eval/retrieval/image2text_recall@1"
 # --- TensorBoard event files ------------------------------------------------------
 
 
+def test_the_trainer_does_not_import_torch():
+    """tensorboardX imports torch when it is installed (as the test extra installs it);
+    bigalign's trainer loads tensorboardX's writer without it. A fresh process: this
+    one has torch loaded by the open_clip tests."""
+    check = "import sys, bigalign.train; print(sorted(m for m in sys.modules if m.startswith('torch')))"
+    result = subprocess.run([sys.executable, "-c", check], capture_output=True, text=True,
+                            cwd=REPO, check=True)
+    assert result.stdout.strip() == "[]", result.stdout[-2000:]
+
+
 def read_events(directory) -> list[Event]:
     """The events of every event file in `directory`, files in name order as TensorBoard
     reads them, each record's TFRecord framing and checksums checked."""
