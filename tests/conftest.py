@@ -12,8 +12,12 @@ import secrets
 import shutil
 import tempfile
 
+# LLVM's optimisation level 0: XLA's own passes (fusion, layout, sharding) are
+# unchanged, but machine code is generated about 30% faster, and compiling is most of
+# a small test's time.
+TEST_XLA_FLAGS = "--xla_backend_optimization_level=0"
 os.environ["XLA_FLAGS"] = (
-    os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
+    os.environ.get("XLA_FLAGS", "") + f" --xla_force_host_platform_device_count=8 {TEST_XLA_FLAGS}"
 ).strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 # One compilation cache for the whole session, its xdist workers and the CLI runs they

@@ -22,6 +22,7 @@ import pytest
 
 from bigalign import distributed, train
 from bigalign.errors import UserError
+from conftest import TEST_XLA_FLAGS
 from helpers import write_image_folder
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs"))
@@ -52,7 +53,7 @@ def free_port() -> int:
 def launch(workdir, flags: list[str], *, processes: int = 2) -> list[subprocess.Popen]:
     """`processes` CLI trainers of one job, each with 4 CPU devices."""
     address = f"localhost:{free_port()}"
-    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4",
+    env = {**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count=4 {TEST_XLA_FLAGS}",
            "JAX_PLATFORMS": "cpu", "PYTHONUNBUFFERED": "1"}
     return [
         subprocess.Popen(

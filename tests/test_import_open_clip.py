@@ -1,4 +1,4 @@
-"""tools/import_open_clip.py against open_clip itself: a random-weight ViT-B-32 (no
+"""tools/import_open_clip.py against open_clip itself: a random-weight ViT-S-32 (no
 download), saved as safetensors, imported, and embedded by `bigalign.load` equals
 open_clip's encode_image / encode_text on the same inputs; LiT from the import keeps
 the image tower bit-identical; the importer's refusals are one line each."""
@@ -29,21 +29,22 @@ TRICKY_TEXTS = ["a photo of a cat!", "Hello, world!! It's 3:45 p.m. — naïve c
 
 @pytest.fixture(scope="module")
 def imported(tmp_path_factory):
-    """(open_clip model, its workdir imported by the tool, the seed) for ViT-B-32 whose
+    """(open_clip model, its workdir imported by the tool, the seed) for ViT-S-32 (ViT-B-32 at half the width: the same
+    code, a quarter of the test's time) whose
     every tensor is perturbed (LayerNorm gains, biases included: a swapped or dropped
     tensor shows), its logit scale set past open_clip's clamp of 100."""
     seed = random_seed()
     torch.manual_seed(seed)
-    model = open_clip.create_model("ViT-B-32", pretrained=None).eval()
+    model = open_clip.create_model("ViT-S-32", pretrained=None).eval()
     with torch.no_grad():
         for tensor in model.parameters():
             tensor.add_(torch.randn_like(tensor) * 0.02)
         model.logit_scale.fill_(math.log(150.0))
     directory = tmp_path_factory.mktemp("open_clip")
-    weights = str(directory / "vit_b32.safetensors")
+    weights = str(directory / "vit_s32.safetensors")
     save_file({k: v.detach().numpy().copy() for k, v in model.state_dict().items()}, weights)
     workdir = str(directory / "run")
-    assert import_open_clip.main(["--model", "ViT-B-32", "--weights", weights,
+    assert import_open_clip.main(["--model", "ViT-S-32", "--weights", weights,
                                   "--workdir", workdir]) == 0
     return model, workdir, seed
 

@@ -30,7 +30,7 @@ from bigalign.published.tensors import TensorTaker, check_complete, encoder_shap
 
 # The ViT CLIPs whose attention heads are 64 wide in both towers (open_clip's
 # model_configs; ViT-g and ViT-bigG use other head widths, SigLIP ones timm towers).
-SUPPORTED_NAMES = re.compile(r"ViT-(B|L|H)-(14|16|32)(-\d+)?(-quickgelu)?")
+SUPPORTED_NAMES = re.compile(r"ViT-(S|M|B|L|H)-(14|16|32)(-\d+)?(-quickgelu)?")
 HEAD_WIDTH = 64
 OPENAI_INIT_LOGIT_SCALE = math.log(1 / 0.07)
 MAX_LOGIT_SCALE = 100.0
@@ -67,7 +67,7 @@ def model_config(name: str, shapes: dict[str, tuple]) -> ml_collections.ConfigDi
     """A config of open_clip model `name` ("ViT-B-32", "ViT-L-14-quickgelu", ...) whose
     sizes come from the checkpoint's tensor `shapes`; tokenizer: CLIP's BPE."""
     if not SUPPORTED_NAMES.fullmatch(name):
-        raise UserError(f"open_clip model {name!r} is not supported; supported: ViT-B/L/H "
+        raise UserError(f"open_clip model {name!r} is not supported; supported: ViT-S/M/B/L/H "
                         f"with patch 14, 16 or 32 (optionally -<image size>, -quickgelu)")
     if "visual.conv1.weight" not in shapes:
         raise UserError("this state dict has no visual.conv1.weight: not an open_clip ViT CLIP")
