@@ -6,6 +6,7 @@ import pickle
 
 import numpy as np
 import pytest
+import sentencepiece as spm
 
 from bigalign.data import synthetic, tokenizer as tokenizer_lib
 
@@ -82,6 +83,19 @@ def test_missing_model_error_says_how_to_create_it(tmp_path):
     path = str(tmp_path / "missing.model")
     with pytest.raises(ValueError, match="missing.model.*train_tokenizer.py"):
         tokenizer_lib.Tokenizer.load(path)
+
+
+def test_a_file_that_is_not_a_model_or_has_no_pad_0_is_a_one_line_error(tmp_path):
+    not_a_model = tmp_path / "notes.model"
+    not_a_model.write_text("not a sentencepiece model\n")
+    with pytest.raises(ValueError, match=r"notes.model' is not a sentencepiece model; .*train_tokenizer.py"):
+        tokenizer_lib.Tokenizer.load(str(not_a_model))
+    no_pad = tmp_path / "no_pad"  # sentencepiece's defaults: unk 0, BOS 1, EOS 2, no padding
+    spm.SentencePieceTrainer.train(sentence_iterator=iter(synthetic.caption_corpus()),
+                                   model_prefix=str(no_pad), vocab_size=64, minloglevel=2,
+                                   hard_vocab_limit=False, num_threads=1)
+    with pytest.raises(ValueError, match=r"no_pad.model' has pad_id=-1, eos_id=2; bigalign needs pad_id=0"):
+        tokenizer_lib.Tokenizer.load(f"{no_pad}.model")
 
 
 def test_load_or_train_trains_once(tmp_path):

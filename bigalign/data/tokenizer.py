@@ -7,6 +7,7 @@ model used here has pad_id=0, unk_id=1, eos_id=2 and no BOS.
 Training is deterministic (one thread, no input sampling or shuffling), so the
 same corpus gives the same model file on every run and every host. A `Tokenizer`
 pickles as its serialized model, so grain worker processes can rebuild it.
+`SentencepieceTokenizer` is what it shares with the SigLIP kind (siglip_tokenizer.py).
 """
 
 import io
@@ -27,28 +28,41 @@ HOW_TO_CREATE = (
 )
 
 
-class Tokenizer:
-    """A sentencepiece model with fixed special ids; `encode` gives padded int32 id arrays."""
+class SentencepieceTokenizer:
+    """A sentencepiece model behind the tokenizer interface (tokenizer_kinds.py): `encode`
+    gives its pieces, then EOS, then padding (`PAD_ID`), cut so that EOS stays last.
 
-    FILE_NAME = "tokenizer.model"
+    Its kinds set `PAD_ID`, `FILE_NAME` and `FILE_HINT` (how to get the right file),
+    check the model's special ids (`check_model`) and may rewrite the texts first
+    (`prepare`). It pickles as the model's bytes, so grain workers rebuild it.
+    """
 
-    def __init__(self, model_proto: bytes):
+    PAD_ID: int
+    FILE_NAME: str
+    FILE_HINT: str
+
+    def __init__(self, model_proto: bytes, source: str = "<bytes>"):
         self._model_proto = bytes(model_proto)
-        self._processor = spm.SentencePieceProcessor(model_proto=self._model_proto)
-        if self._processor.pad_id() != PAD_ID or self._processor.eos_id() < 0:
-            raise UserError(
-                f"the sentencepiece model has pad_id={self._processor.pad_id()}, "
-                f"eos_id={self._processor.eos_id()}; bigalign needs pad_id={PAD_ID} and an EOS "
-                f"piece: {HOW_TO_CREATE}"
-            )
+        try:
+            self._processor = spm.SentencePieceProcessor(model_proto=self._model_proto)
+        except RuntimeError:
+            raise UserError(f"text.tokenizer={source!r} is not a sentencepiece model; "
+                            f"{self.FILE_HINT}") from None
+        self.check_model(source)
 
     @classmethod
-    def load(cls, model_path: str) -> "Tokenizer":
-        """Reads a .model file written by `train_tokenizer` (or any model with pad_id=0 and EOS)."""
+    def load(cls, model_path: str):
         path = workdir_lib.path(model_path)
         if not path.is_file():
-            raise UserError(f"tokenizer model {str(model_path)!r} does not exist; {HOW_TO_CREATE}")
-        return cls(path.read_bytes())
+            raise UserError(f"text.tokenizer={str(model_path)!r} does not exist; {cls.FILE_HINT}")
+        return cls(path.read_bytes(), str(model_path))
+
+    def check_model(self, source: str) -> None:
+        """Raises UserError if the model's special ids break this kind's convention."""
+
+    def prepare(self, texts: Sequence[str]) -> list[str]:
+        """The texts as this kind's model reads them."""
+        return list(texts)
 
     @property
     def vocab_size(self) -> int:
@@ -56,43 +70,30 @@ class Tokenizer:
 
     @property
     def pad_id(self) -> int:
-        return PAD_ID
+        return self.PAD_ID
 
     @property
     def eos_id(self) -> int:
         return self._processor.eos_id()
 
     @property
-    def model_proto(self) -> bytes:
-        """The serialized model, as written to a .model file."""
-        return self._model_proto
-
-    @property
     def file_bytes(self) -> bytes:
-        """The same bytes, under the name every tokenizer kind has (tokenizer_kinds.py)."""
+        """The serialized model, as in its .model file (to copy into a workdir)."""
         return self._model_proto
 
     def encode(self, texts: Sequence[str], max_len: int) -> np.ndarray:
-        """Ids int32 [len(texts), max_len]: pieces, then EOS, then pad (0).
+        """Ids int32 [len(texts), max_len]: pieces, then EOS, then padding.
 
         A text longer than max_len - 1 pieces is cut so that EOS stays the last token.
         """
         if max_len < 1:
             raise UserError(f"max_len={max_len} must be at least 1 (room for the EOS token)")
-        pieces = self._processor.encode(list(texts), out_type=int)
-        ids = np.full((len(pieces), max_len), PAD_ID, np.int32)
+        pieces = self._processor.encode(self.prepare(texts), out_type=int)
+        ids = np.full((len(pieces), max_len), self.PAD_ID, np.int32)
         for row, text_ids in enumerate(pieces):
             kept = text_ids[: max_len - 1] + [self.eos_id]
             ids[row, : len(kept)] = kept
         return ids
-
-    def decode(self, ids: np.ndarray) -> list[str]:
-        """Texts from ids [N, L], dropping padding and EOS (for debugging and tests)."""
-        specials = {PAD_ID, self.eos_id}
-        return [
-            self._processor.decode([int(i) for i in row if int(i) not in specials])
-            for row in np.asarray(ids)
-        ]
 
     def __getstate__(self) -> dict:
         # The sentencepiece processor does not pickle; the model bytes rebuild it.
@@ -102,7 +103,36 @@ class Tokenizer:
         self.__init__(state["model_proto"])
 
     def __repr__(self) -> str:
-        return f"Tokenizer(vocab_size={self.vocab_size})"
+        return f"{type(self).__name__}(vocab_size={self.vocab_size})"
+
+
+class Tokenizer(SentencepieceTokenizer):
+    """bigalign's own convention: pad_id 0, an EOS piece (`train_tokenizer` makes such models)."""
+
+    PAD_ID = PAD_ID
+    FILE_NAME = "tokenizer.model"
+    FILE_HINT = HOW_TO_CREATE
+
+    def check_model(self, source: str) -> None:
+        if self._processor.pad_id() != PAD_ID or self._processor.eos_id() < 0:
+            raise UserError(
+                f"text.tokenizer={source!r} has pad_id={self._processor.pad_id()}, "
+                f"eos_id={self._processor.eos_id()}; bigalign needs pad_id={PAD_ID} and an EOS "
+                f"piece: {HOW_TO_CREATE}"
+            )
+
+    @property
+    def model_proto(self) -> bytes:
+        """The serialized model, as written to a .model file."""
+        return self._model_proto
+
+    def decode(self, ids: np.ndarray) -> list[str]:
+        """Texts from ids [N, L], dropping padding and EOS (for debugging and tests)."""
+        specials = {PAD_ID, self.eos_id}
+        return [
+            self._processor.decode([int(i) for i in row if int(i) not in specials])
+            for row in np.asarray(ids)
+        ]
 
 
 def train_tokenizer(texts: Iterable[str], model_path: str, vocab_size: int) -> Tokenizer:
