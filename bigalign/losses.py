@@ -16,8 +16,9 @@ Variants (``NAMES``), with what each device must hold at once:
   All-gathers y ([B, D]) and builds its [b, B] rows of the logits once: their
   row log-sum-exps are its rows' terms, and their column log-sum-exps, combined
   over devices ([B] floats each), give every column's term, so no logit is formed
-  twice. Autodiff through ``all_gather`` gives every device the gradient of the
-  global loss (unlike a local loss without gathered gradients).
+  twice. It forms them a [b, tile] tile at a time and keeps the tiles' products for
+  its custom VJP (below). Autodiff through ``all_gather`` gives every device the
+  gradient of the global loss (unlike a local loss without gathered gradients).
   Memory O(b * B) per device, i.e. it grows with the global batch.
 - ``"softmax_tiled"``: the same value, block by block (as in Inf-CL). Each device
   keeps its x block; y blocks travel around the ring with ``ppermute``, each one
@@ -26,13 +27,14 @@ Variants (``NAMES``), with what each device must hold at once:
   A ``custom_vjp`` ring-passes again in the backward pass and recomputes the tiles.
   Memory O(b * tile + b * D) per device, independent of B.
 - ``"sigmoid"``: SigLIP, L = -(1/B) sum_ij log sigmoid(z_ij s_ij), z_ij = +1 on the
-  diagonal and -1 elsewhere. All-gathers y. Memory O(b * B) per device.
+  diagonal and -1 elsewhere. All-gathers y; tiles and VJP as ``"softmax"``.
+  Memory O(b * B) per device.
 - ``"sigmoid_chunked"``: the same value with y blocks passed around the ring, never
   gathered; a ``custom_vjp`` ring-passes again in the backward pass.
   Memory O(b * tile + b * D) per device.
 
-``tile`` defaults to the largest divisor of b that is at most ``DEFAULT_TILE``; pass
-``tile_size`` to ``compute`` to choose it. For the sigmoid variants ``bias=None``
+``tile`` defaults to the largest divisor of b (B for the all-gather variants) that is
+at most ``DEFAULT_TILE``; pass ``tile_size`` to ``compute`` to choose the ring variants'. For the sigmoid variants ``bias=None``
 means a bias of 0. For softmax the bias cancels out (its gradient is 0).
 
 Numerics: inputs are upcast to float32 before the logits are formed (bf16 inputs
@@ -118,8 +120,9 @@ def _logsumexp_over_devices(partial, axis):
 
 
 def _fresh(value, axis):
-    """Marks a freshly created loop carry as a per-device value, so that loop carry
-    types stay fixed once per-device data has flowed into them."""
+    """Marks a value as per-device: a freshly created loop carry, so that its type stays
+    fixed once per-device data flows into it, or a replicated input of a custom VJP whose
+    gradient is this device's share."""
     return value if axis is None else lax.pcast(value, axis, to="varying")
 
 
@@ -168,14 +171,111 @@ def _logits(x, y, scale, bias):  # [b, D], [t, D] -> [b, t]
 # ---------------------------------------------------------------------------
 
 
+# The all-gather variants form this device's [b, B] block of logits against the gathered
+# y, a [b, tile] tile at a time, and keep the tiles' products x @ y^T for the backward
+# pass (so 6 B^2 D matmul FLOPs, as autodiff, without recomputing them like the ring).
+# Tile by tile, each elementwise pass runs on a tile still in cache, where autodiff
+# through logsumexp / log_sigmoid made about ten passes over the whole block and kept
+# its exponentials besides.
+
+
+def _column_tiles(y_all, tile):  # [B, D] -> [B / tile, tile, D]
+    return y_all.reshape(y_all.shape[0] // tile, tile, y_all.shape[1])
+
+
+def _block_backward(logit_grads, x, y_tiles, scale, bias, products, per_tile):
+    """(dx, dy_all, d scale, d bias) of a function of the block's logits whose gradient
+    w.r.t. one tile of them is ``logit_grads(logits, per_tile slice)``: dx = scale * G @ y,
+    dy = scale * G^T @ x, d scale = sum_ij G_ij <x_i, y_j> = sum(x * (G @ y)), d bias = sum(G).
+    """
+
+    def tile_step(grads_y, tile_inputs):
+        y_tile, products_tile, state = tile_inputs
+        grads = logit_grads(scale * products_tile + bias, state)  # [b, tile]
+        dy_tile = jnp.einsum("ij,id->jd", grads, x)  # [tile, D]
+        return grads_y + grads @ y_tile, (dy_tile, jnp.sum(grads))
+
+    grads_y, (dy, dbias) = lax.scan(tile_step, jnp.zeros_like(x), (y_tiles, products, per_tile))
+    return (scale * grads_y, scale * dy.reshape(-1, x.shape[1]), jnp.sum(x * grads_y),
+            jnp.sum(dbias))
+
+
+def _block_log_sum_exps(x, y_all, scale, bias, *, axis):
+    """(row log-sum-exps [b], column log-sum-exps [B]) of the block s = scale x y_all^T + bias."""
+    tile = pick_tile(y_all.shape[0], None)
+
+    @jax.custom_vjp
+    def block(x, y_all, scale, bias):
+        return block_fwd(x, y_all, scale, bias)[0]
+
+    def block_fwd(x, y_all, scale, bias):
+        y_tiles = _column_tiles(y_all, tile)
+
+        def tile_step(row_lse, y_tile):
+            products = x @ y_tile.T  # [b, tile]
+            logits = scale * products + bias
+            row_lse = jnp.logaddexp(row_lse, jax.nn.logsumexp(logits, axis=1))
+            return row_lse, (products, jax.nn.logsumexp(logits, axis=0))
+
+        minus_inf = _fresh(jnp.full(x.shape[:1], -jnp.inf, jnp.float32), axis)
+        row_lse, (products, col_lse) = lax.scan(tile_step, minus_inf, y_tiles)
+        col_lse = col_lse.reshape(-1)
+        return (row_lse, col_lse), (x, y_tiles, scale, bias, products, row_lse, col_lse)
+
+    def block_bwd(residuals, cotangents):
+        x, y_tiles, scale, bias, products, row_lse, col_lse = residuals
+        d_row, d_col = cotangents
+
+        def logit_grads(logits, column):  # d_row P + d_col Q: P, Q the row and column softmax
+            col_lse, d_col = column
+            return (d_row[:, None] * jnp.exp(logits - row_lse[:, None])
+                    + d_col[None, :] * jnp.exp(logits - col_lse[None, :]))
+
+        per_tile = (col_lse.reshape(-1, tile), d_col.reshape(-1, tile))
+        return _block_backward(logit_grads, x, y_tiles, scale, bias, products, per_tile)
+
+    block.defvjp(block_fwd, block_bwd)
+    # Per-device scale and bias: their gradients here are this device's shares, which
+    # autodiff then sums over the devices.
+    return block(x, y_all, _fresh(scale, axis), _fresh(bias, axis))
+
+
+def _block_negatives(x, y_all, scale, bias, *, axis):
+    """sum_ij log sigmoid(-s_ij) over the block s = scale x y_all^T + bias."""
+    tile = pick_tile(y_all.shape[0], None)
+
+    @jax.custom_vjp
+    def block(x, y_all, scale, bias):
+        return block_fwd(x, y_all, scale, bias)[0]
+
+    def block_fwd(x, y_all, scale, bias):
+        y_tiles = _column_tiles(y_all, tile)
+
+        def tile_step(total, y_tile):
+            products = x @ y_tile.T  # [b, tile]
+            return total + jnp.sum(jax.nn.log_sigmoid(-(scale * products + bias))), products
+
+        total, products = lax.scan(tile_step, _fresh(jnp.zeros((), jnp.float32), axis), y_tiles)
+        return total, (x, y_tiles, scale, bias, products)
+
+    def block_bwd(residuals, d_total):
+        x, y_tiles, scale, bias, products = residuals
+        logit_grads = lambda logits, _: -d_total * jax.nn.sigmoid(logits)  # noqa: E731
+        return _block_backward(logit_grads, x, y_tiles, scale, bias, products, ())
+
+    block.defvjp(block_fwd, block_bwd)
+    # Per-device scale and bias: their gradients here are this device's shares, which
+    # autodiff then sums over the devices.
+    return block(x, y_all, _fresh(scale, axis), _fresh(bias, axis))
+
+
 def _softmax_gathered_body(x, y, scale, bias, *, axis):
     # One [b, B] block of logits serves both directions: its rows are this device's
     # rows of s, and its columns hold this device's share of every column's sum.
     y_all = _gather(y, axis)  # [B, D]
     positives = _positives(x, y, scale, bias)  # [b]
-    logits = _logits(x, y_all, scale, bias)  # [b, B]
-    row_lse = jax.nn.logsumexp(logits, axis=1)  # [b]
-    col_lse = _logsumexp_over_devices(jax.nn.logsumexp(logits, axis=0), axis)  # [B]
+    row_lse, col_lse = _block_log_sum_exps(x, y_all, scale, bias, axis=axis)  # [b], [B]
+    col_lse = _logsumexp_over_devices(col_lse, axis)
     local = jnp.sum(row_lse) - 2 * jnp.sum(positives)  # the diagonal counts once per direction
     return (_psum(local, axis) + jnp.sum(col_lse)) / (2 * y_all.shape[0])
 
@@ -184,9 +284,8 @@ def _sigmoid_gathered_body(x, y, scale, bias, *, axis):
     # log sigmoid(s) = log sigmoid(-s) + s: every pair scored as a negative, plus the
     # diagonal logits once, so no [b, B] tensor of signs is built (as the ring variant).
     y_all = _gather(y, axis)  # [B, D]
-    logits = _logits(x, y_all, scale, bias)  # [b, B]
     positives = _positives(x, y, scale, bias)  # [b]
-    local = jnp.sum(jax.nn.log_sigmoid(-logits)) + jnp.sum(positives)
+    local = _block_negatives(x, y_all, scale, bias, axis=axis) + jnp.sum(positives)
     return -_psum(local, axis) / y_all.shape[0]
 
 

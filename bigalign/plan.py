@@ -74,7 +74,9 @@ KEPT_PER_BLOCK = {
 SCANNED_WITHOUT_REMAT = (12, 6, 2)
 STEM_BUFFERS = 5  # c x T x W per tower outside its blocks
 MAP_BUFFERS = 4  # c x T x W more for attention pooling: its keys and values, both layouts
-LOGIT_BLOCKS = {"softmax": 3, "sigmoid": 3}  # [b, B]: logits, their gradient, a transpose
+# [b, B] blocks: the tiles' products kept for the loss's VJP and XLA's copies of them
+# (measured: its loop's stacked outputs; softmax also a transposed layout).
+LOGIT_BLOCKS = {"softmax": 1.75, "sigmoid": 1.25}
 RING_TILES, RING_BLOCKS = 3, 3  # [b, tile] and [b, E] in the ring variants' loops
 UPDATE_COPIES = 3  # the gradients and the two new moments, float32 like the parameters
 
@@ -200,7 +202,7 @@ def _loss_bytes(config, per_device: int, batch: int) -> int:
     embed, name = config.model.embed_dim, config.loss.name
     embeddings = 2 * len(towers.tower_names(config.model)) * per_device * embed * FLOAT32
     if name in LOGIT_BLOCKS:
-        return embeddings + (LOGIT_BLOCKS[name] * per_device + embed) * batch * FLOAT32
+        return embeddings + int((LOGIT_BLOCKS[name] * per_device + embed) * batch * FLOAT32)
     if name in losses.NAMES:  # a ring variant
         tile = losses.pick_tile(per_device, None)
         return embeddings + (RING_TILES * tile + RING_BLOCKS * embed) * per_device * FLOAT32

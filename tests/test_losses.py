@@ -203,7 +203,7 @@ def test_bfloat16_inputs_compute_in_float32(name, mesh_kind):
 
 def test_lean_variants_use_less_memory():
     """README: at B = 16384 (D = 512, 8 devices; docs/benchmarks.md) the ring variants need
-    1/29 of the all-gather ones' temp memory (softmax and sigmoid). Compiled, not run."""
+    1/13 of the all-gather ones' temp memory (softmax and sigmoid). Compiled, not run."""
     mesh = MESHES["data8"]()
     x = jax.ShapeDtypeStruct((16384, 512), jnp.float32, sharding=NamedSharding(mesh, P("data", None)))
     scalar = jax.ShapeDtypeStruct((), jnp.float32)
@@ -213,7 +213,7 @@ def test_lean_variants_use_less_memory():
         compiled = step.lower(x, x, scalar, scalar).compile()
         return compiled.memory_analysis().temp_size_in_bytes
 
-    for lean, gathered, claimed in [("softmax_tiled", "softmax", 29), ("sigmoid_chunked", "sigmoid", 29)]:
+    for lean, gathered, claimed in [("softmax_tiled", "softmax", 13), ("sigmoid_chunked", "sigmoid", 13)]:
         ratio = temp_bytes(gathered) / temp_bytes(lean)
         assert ratio >= 0.75 * claimed, (lean, ratio)
 

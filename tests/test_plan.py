@@ -44,20 +44,20 @@ def small_config(*, loss, batch, fsdp=1, chunks=1, depth=1, scan=False, remat="n
 # name -> small_config settings. The comments give each part's share of the plan
 # ("state": parameters, optimizer state and gradients), and planned / compiled as measured.
 CONFIGS = {
-    # activations 86%, loss temporaries 8%, state 6%; 1.06
+    # activations 88%, loss temporaries 6%, state 6%; 1.04
     "2 towers, softmax, fsdp 1": dict(loss="softmax", batch=1024),
-    # activations 87%, loss temporaries 5%, state 8%; 1.04
+    # activations 87%, loss temporaries 5%, state 8%; 1.05
     "2 towers, softmax_tiled, fsdp 1, 2 blocks": dict(
         loss="softmax_tiled", batch=2048, depth=2, image_size=8, max_len=4),
-    # activations 97%, loss temporaries 2%, state 1%; 1.03
+    # activations 98%, loss temporaries 1%, state 1%; 1.03
     "3 towers, sigmoid, fsdp 8": dict(loss="sigmoid", batch=512, fsdp=8, audio=True),
-    # activations 92% (one chunk's), state 6%; 0.99
+    # activations 92% (one chunk's), state 6%; 1.01
     "2 towers, sigmoid_chunked, fsdp 8, GradCache 4, scan + remat full": dict(
         loss="sigmoid_chunked", batch=2048, fsdp=8, chunks=4, depth=2, scan=True, remat="full"),
-    # loss temporaries 98% (GradCache's loss moment: [1024, 8192] logits), state 1%; 1.01
+    # loss temporaries 96% (GradCache's loss moment: [1024, 8192] logits' products), state 1%; 1.02
     "2 towers, sigmoid, fsdp 1, GradCache 2": dict(
         loss="sigmoid", batch=8192, chunks=2, image_size=8, max_len=4),
-    # loss temporaries 98% ([512, 4096] logits), state 1%; 1.01
+    # loss temporaries 97% ([512, 4096] logits' products), state 1%; 1.03
     "2 towers, softmax, fsdp 8, GradCache 2, scan + remat dots_no_batch": dict(
         loss="softmax", batch=4096, fsdp=8, chunks=2, depth=2, scan=True, remat="dots_no_batch",
         image_size=8, max_len=4),
