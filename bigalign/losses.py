@@ -200,8 +200,15 @@ def _block_backward(logit_grads, x, y_tiles, scale, bias, products, per_tile):
             jnp.sum(dbias))
 
 
-def _block_log_sum_exps(x, y_all, scale, bias, *, axis):
-    """(row log-sum-exps [b], column log-sum-exps [B]) of the block s = scale x y_all^T + bias."""
+def _tiled_block(tile_statistics, tile_grads, x, y_all, scale, bias, *, axis, init):
+    """Statistics of this device's block of logits s = scale x y_all^T + bias, tile by
+    tile, with the custom VJP of `_block_backward`.
+
+    ``tile_statistics(carry, logits_tile) -> (carry, per-tile output)`` runs over the
+    tiles from ``init``; the value is (the last carry, the per-tile outputs stacked).
+    ``tile_grads(value, cotangent) -> (grads, per_tile)`` gives the backward pass
+    ``grads(logits_tile, per_tile slice)``, the gradient w.r.t. one tile of logits.
+    """
     tile = pick_tile(y_all.shape[0], None)
 
     @jax.custom_vjp
@@ -211,28 +218,19 @@ def _block_log_sum_exps(x, y_all, scale, bias, *, axis):
     def block_fwd(x, y_all, scale, bias):
         y_tiles = _column_tiles(y_all, tile)
 
-        def tile_step(row_lse, y_tile):
+        def tile_step(carry, y_tile):
             products = x @ y_tile.T  # [b, tile]
-            logits = scale * products + bias
-            row_lse = jnp.logaddexp(row_lse, jax.nn.logsumexp(logits, axis=1))
-            return row_lse, (products, jax.nn.logsumexp(logits, axis=0))
+            carry, per_tile = tile_statistics(carry, scale * products + bias)
+            return carry, (products, per_tile)
 
-        minus_inf = _fresh(jnp.full(x.shape[:1], -jnp.inf, jnp.float32), axis)
-        row_lse, (products, col_lse) = lax.scan(tile_step, minus_inf, y_tiles)
-        col_lse = col_lse.reshape(-1)
-        return (row_lse, col_lse), (x, y_tiles, scale, bias, products, row_lse, col_lse)
+        carry, (products, per_tile) = lax.scan(tile_step, _fresh(init, axis), y_tiles)
+        value = (carry, per_tile)
+        return value, (x, y_tiles, scale, bias, products, value)
 
-    def block_bwd(residuals, cotangents):
-        x, y_tiles, scale, bias, products, row_lse, col_lse = residuals
-        d_row, d_col = cotangents
-
-        def logit_grads(logits, column):  # d_row P + d_col Q: P, Q the row and column softmax
-            col_lse, d_col = column
-            return (d_row[:, None] * jnp.exp(logits - row_lse[:, None])
-                    + d_col[None, :] * jnp.exp(logits - col_lse[None, :]))
-
-        per_tile = (col_lse.reshape(-1, tile), d_col.reshape(-1, tile))
-        return _block_backward(logit_grads, x, y_tiles, scale, bias, products, per_tile)
+    def block_bwd(residuals, cotangent):
+        x, y_tiles, scale, bias, products, value = residuals
+        grads, per_tile = tile_grads(value, cotangent)
+        return _block_backward(grads, x, y_tiles, scale, bias, products, per_tile)
 
     block.defvjp(block_fwd, block_bwd)
     # Per-device scale and bias: their gradients here are this device's shares, which
@@ -240,33 +238,29 @@ def _block_log_sum_exps(x, y_all, scale, bias, *, axis):
     return block(x, y_all, _fresh(scale, axis), _fresh(bias, axis))
 
 
-def _block_negatives(x, y_all, scale, bias, *, axis):
-    """sum_ij log sigmoid(-s_ij) over the block s = scale x y_all^T + bias."""
-    tile = pick_tile(y_all.shape[0], None)
+def _log_sum_exps_of_tile(row_lse, logits):  # the running row sums; each tile's column ones
+    return jnp.logaddexp(row_lse, jax.nn.logsumexp(logits, axis=1)), jax.nn.logsumexp(logits, axis=0)
 
-    @jax.custom_vjp
-    def block(x, y_all, scale, bias):
-        return block_fwd(x, y_all, scale, bias)[0]
 
-    def block_fwd(x, y_all, scale, bias):
-        y_tiles = _column_tiles(y_all, tile)
+def _log_sum_exps_grads(value, cotangent):
+    """d_row P + d_col Q per tile, with P and Q the block's row and column softmax."""
+    (row_lse, col_lse), (d_row, d_col) = value, cotangent  # [b], [B / tile, tile]
 
-        def tile_step(total, y_tile):
-            products = x @ y_tile.T  # [b, tile]
-            return total + jnp.sum(jax.nn.log_sigmoid(-(scale * products + bias))), products
+    def grads(logits, column):
+        col_lse, d_col = column  # [tile], [tile]
+        return (d_row[:, None] * jnp.exp(logits - row_lse[:, None])
+                + d_col[None, :] * jnp.exp(logits - col_lse[None, :]))
 
-        total, products = lax.scan(tile_step, _fresh(jnp.zeros((), jnp.float32), axis), y_tiles)
-        return total, (x, y_tiles, scale, bias, products)
+    return grads, (col_lse, d_col)
 
-    def block_bwd(residuals, d_total):
-        x, y_tiles, scale, bias, products = residuals
-        logit_grads = lambda logits, _: -d_total * jax.nn.sigmoid(logits)  # noqa: E731
-        return _block_backward(logit_grads, x, y_tiles, scale, bias, products, ())
 
-    block.defvjp(block_fwd, block_bwd)
-    # Per-device scale and bias: their gradients here are this device's shares, which
-    # autodiff then sums over the devices.
-    return block(x, y_all, _fresh(scale, axis), _fresh(bias, axis))
+def _negatives_of_tile(total, logits):  # sum_ij log sigmoid(-s_ij)
+    return total + jnp.sum(jax.nn.log_sigmoid(-logits)), None
+
+
+def _negatives_grads(value, cotangent):
+    d_total = cotangent[0]
+    return lambda logits, _: -d_total * jax.nn.sigmoid(logits), ()
 
 
 def _softmax_gathered_body(x, y, scale, bias, *, axis):
@@ -274,8 +268,10 @@ def _softmax_gathered_body(x, y, scale, bias, *, axis):
     # rows of s, and its columns hold this device's share of every column's sum.
     y_all = _gather(y, axis)  # [B, D]
     positives = _positives(x, y, scale, bias)  # [b]
-    row_lse, col_lse = _block_log_sum_exps(x, y_all, scale, bias, axis=axis)  # [b], [B]
-    col_lse = _logsumexp_over_devices(col_lse, axis)
+    row_lse, col_lse = _tiled_block(_log_sum_exps_of_tile, _log_sum_exps_grads, x, y_all,
+                                    scale, bias, axis=axis,
+                                    init=jnp.full(x.shape[:1], -jnp.inf, jnp.float32))
+    col_lse = _logsumexp_over_devices(col_lse.reshape(-1), axis)  # [B]
     local = jnp.sum(row_lse) - 2 * jnp.sum(positives)  # the diagonal counts once per direction
     return (_psum(local, axis) + jnp.sum(col_lse)) / (2 * y_all.shape[0])
 
@@ -285,7 +281,9 @@ def _sigmoid_gathered_body(x, y, scale, bias, *, axis):
     # diagonal logits once, so no [b, B] tensor of signs is built (as the ring variant).
     y_all = _gather(y, axis)  # [B, D]
     positives = _positives(x, y, scale, bias)  # [b]
-    local = _block_negatives(x, y_all, scale, bias, axis=axis) + jnp.sum(positives)
+    negatives, _ = _tiled_block(_negatives_of_tile, _negatives_grads, x, y_all, scale, bias,
+                                axis=axis, init=jnp.zeros((), jnp.float32))
+    local = negatives + jnp.sum(positives)
     return -_psum(local, axis) / y_all.shape[0]
 
 
