@@ -1,6 +1,6 @@
 """notebooks/quickstart.ipynb runs top to bottom (nbclient, CPU) and shows what it claims.
 
-The notebook trains the demo for QUICKSTART_STEPS steps (20 here: one evaluation, at the end) into a temporary
+The notebook trains the demo for QUICKSTART_STEPS steps (60 here) into a temporary
 workdir, loads it with bigalign.load and plots a similarity matrix and the loss curve.
 """
 
@@ -15,7 +15,7 @@ import nbformat
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parent.parent
 NOTEBOOK = REPO_ROOT / "notebooks" / "quickstart.ipynb"
-STEPS = 20
+STEPS = 60
 CELL_TIMEOUT_S = 300  # generous: the machine may be shared; the whole run takes ~1-2 min
 
 # Appended to the executed copy only: reads the notebook's variables back as one JSON line.
