@@ -1,15 +1,22 @@
 """Helpers shared by the tests: the model and state on a mesh, tree comparison, seeds, jaxprs."""
 
+import os
 import types
 
 import jax
 import jax.extend
 import jax.numpy as jnp
 import numpy as np
+import orbax.checkpoint as ocp
 import pytest
 
 import bigalign
 
+
+def saved_params(workdir, step: int) -> dict:
+    """The parameter tree of a run's checkpoint at `step`, read as saved (no model built)."""
+    path = os.path.join(str(workdir), "checkpoints", str(step), "state")
+    return ocp.PyTreeCheckpointer().restore(path)["params"]
 
 
 def setup(config, data_shards: int, fsdp: int = 1, *, state_cache: dict | None = None):

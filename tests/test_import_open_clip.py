@@ -18,7 +18,7 @@ import bigalign
 from bigalign import config as config_lib, train
 from bigalign.errors import UserError
 from bigalign.published import open_clip as open_clip_import
-from helpers import random_seed
+from helpers import random_seed, saved_params
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tools"))
 import import_open_clip  # noqa: E402
@@ -90,8 +90,8 @@ def test_lit_from_the_import_keeps_the_image_tower(imported, tmp_path):
     run_dir = str(tmp_path / "lit")
     results = train.train_and_evaluate(config, run_dir)
     assert results, "the run ends with its evaluation"
-    imported_image = bigalign.load(workdir, config=small_eval_batches(workdir)).params["image"]
-    first, last = (bigalign.load(run_dir, step, config=config).params for step in (1, 2))
+    imported_image = saved_params(workdir, 0)["image"]
+    first, last = (saved_params(run_dir, step) for step in (1, 2))
     for got, want in zip(jax.tree.leaves(last["image"]), jax.tree.leaves(imported_image)):
         np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
     assert not np.array_equal(np.asarray(first["text"]["projection"]["kernel"]),
