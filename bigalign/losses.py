@@ -34,8 +34,8 @@ Variants (``NAMES``), with what each device must hold at once:
   Memory O(b * tile + b * D) per device.
 
 ``tile`` defaults to the largest divisor of b (B for the all-gather variants) that is
-at most ``DEFAULT_TILE``; pass ``tile_size`` to ``compute`` to choose the ring variants'. For the sigmoid variants ``bias=None``
-means a bias of 0. For softmax the bias cancels out (its gradient is 0).
+at most ``DEFAULT_TILE``; pass ``tile_size`` to ``compute`` to choose the ring variants'.
+For the sigmoid variants ``bias=None`` means a bias of 0. For softmax the bias cancels out (its gradient is 0).
 
 Numerics: inputs are upcast to float32 before the logits are formed (bf16 inputs
 get bf16 gradients back), and every reduction uses a stable form (``logsumexp``,
@@ -239,7 +239,8 @@ def _tiled_block(tile_statistics, tile_grads, x, y_all, scale, bias, *, axis, in
 
 
 def _log_sum_exps_of_tile(row_lse, logits):  # the running row sums; each tile's column ones
-    return jnp.logaddexp(row_lse, jax.nn.logsumexp(logits, axis=1)), jax.nn.logsumexp(logits, axis=0)
+    row_lse = jnp.logaddexp(row_lse, jax.nn.logsumexp(logits, axis=1))
+    return row_lse, jax.nn.logsumexp(logits, axis=0)
 
 
 def _log_sum_exps_grads(value, cotangent):

@@ -29,10 +29,10 @@ TRICKY_TEXTS = ["a photo of a cat!", "Hello, world!! It's 3:45 p.m. — naïve c
 
 @pytest.fixture(scope="module")
 def imported(tmp_path_factory):
-    """(open_clip model, its workdir imported by the tool, the seed) for ViT-S-32 (ViT-B-32 at half the width: the same
-    code, a quarter of the test's time) whose
-    every tensor is perturbed (LayerNorm gains, biases included: a swapped or dropped
-    tensor shows), its logit scale set past open_clip's clamp of 100."""
+    """(open_clip model, its workdir imported by the tool, the seed) for ViT-S-32 (ViT-B-32
+    at half the width: the same code, a quarter of the test's time) whose every tensor is
+    perturbed (LayerNorm gains, biases included: a swapped or dropped tensor shows), its
+    logit scale set past open_clip's clamp of 100."""
     seed = random_seed()
     torch.manual_seed(seed)
     model = open_clip.create_model("ViT-S-32", pretrained=None).eval()

@@ -11,7 +11,6 @@ import time
 
 import jax
 import numpy as np
-import orbax.checkpoint as ocp
 import pytest
 
 from bigalign import preemption, train

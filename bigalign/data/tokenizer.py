@@ -52,6 +52,7 @@ class SentencepieceTokenizer:
 
     @classmethod
     def load(cls, model_path: str):
+        """Reads a .model file (local or an object store path) as this kind."""
         path = workdir_lib.path(model_path)
         if not path.is_file():
             raise UserError(f"text.tokenizer={str(model_path)!r} does not exist; {cls.FILE_HINT}")
