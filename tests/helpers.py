@@ -192,6 +192,7 @@ def recomputed_metrics(workdir) -> dict:
         metrics[f"eval/geometry/{name}_uniformity"] = np.log(np.mean(np.exp(-2 * distances)))
         p = np.linalg.svd(v, compute_uv=False)
         p = p / p.sum()
+        p = p[p > 0]  # 0 log 0 = 0: fewer distinct texts than rows leaves exact zeros
         metrics[f"eval/geometry/{name}_effective_rank"] = np.exp(-np.sum(p * np.log(p)))
     metrics["eval/geometry/logit_scale"] = model.logit_scale
     metrics["eval/geometry/logit_bias"] = model.logit_bias

@@ -13,7 +13,7 @@ import pytest
 from bigalign.models import audio, sizes, towers, vit as vit_module
 from bigalign.models.text import TextTransformer
 from bigalign.models.towers import ContrastiveModel
-from bigalign.models.transformer import REMAT_POLICIES, MultiHeadAttention
+from bigalign.models.transformer import REMAT_POLICIES, EncoderBlock, MultiHeadAttention
 from bigalign.models.vit import VisionTransformer
 from helpers import KEY_BIASES, assert_trees_close, dtypes, equations, random_seed
 
@@ -353,6 +353,32 @@ def test_remat_policies_keep_outputs_and_gradients(policy, boxed_params):
     expected = outputs_and_gradients(make_model(["text"]), params, batch)
     got = outputs_and_gradients(make_model(["text"], remat=policy), params, batch)
     assert_trees_close(got, expected, rtol=1e-5, noise=(KEY_BIASES,))
+
+
+def test_a_block_recomputes_its_layer_norms_and_gelu_instead_of_keeping_them():
+    """The default block (no remat policy) against one that keeps everything, applied 4
+    times: the same outputs and gradients, and at least GELU's [B, T, mlp] intermediate
+    less memory for each application but the last (whose backward pass comes first)."""
+    batch, tokens, width, mlp, depth = 16, 64, 64, 256, 4
+    x = jnp.asarray(np.random.default_rng(random_seed()).standard_normal((batch, tokens, width)),
+                    jnp.float32)
+
+    def value_and_grad(recompute):
+        block = EncoderBlock(num_heads=2, mlp_dim=mlp, recompute_elementwise=recompute)
+
+        def loss(params, x):
+            for _ in range(depth):
+                x, _ = block.apply(params, x, None)
+            return jnp.sum(jnp.sin(x))
+
+        return jax.jit(jax.value_and_grad(loss, argnums=(0, 1)))
+
+    params = EncoderBlock(num_heads=2, mlp_dim=mlp).init(jax.random.key(0), x, None)
+    kept, recomputed = (value_and_grad(recompute) for recompute in (False, True))
+    assert_trees_close(recomputed(params, x), kept(params, x), rtol=1e-5, noise=(KEY_BIASES,))
+    temp = {name: fn.lower(params, x).compile().memory_analysis().temp_size_in_bytes
+            for name, fn in (("kept", kept), ("recomputed", recomputed))}
+    assert temp["kept"] - temp["recomputed"] >= (depth - 1) * batch * tokens * mlp * 4, temp
 
 
 def test_scanned_layers_match_looped_layers(boxed_params, reference):

@@ -49,7 +49,7 @@ CONFIGS = {
     # activations 87%, loss temporaries 5%, state 8%; 1.05
     "2 towers, softmax_tiled, fsdp 1, 2 blocks": dict(
         loss="softmax_tiled", batch=2048, depth=2, image_size=8, max_len=4),
-    # activations 98%, loss temporaries 1%, state 1%; 1.03
+    # activations 97%, loss temporaries 1%, state 2%; 1.06
     "3 towers, sigmoid, fsdp 8": dict(loss="sigmoid", batch=512, fsdp=8, audio=True),
     # activations 92% (one chunk's), state 6%; 1.01
     "2 towers, sigmoid_chunked, fsdp 8, GradCache 4, scan + remat full": dict(

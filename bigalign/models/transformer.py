@@ -43,10 +43,13 @@ def partitioned(initializer, *names):
     return nn.with_logical_partitioning(initializer, names)
 
 
-def layer_norm(dtype: Dtype, name: str, epsilon: float = 1e-6) -> nn.LayerNorm:
+def layer_norm(dtype: Dtype, name: str, epsilon: float = 1e-6,
+               recompute: bool = False) -> nn.LayerNorm:
     """A LayerNorm over the residual width; its statistics are float32 whatever `dtype` is.
-    `epsilon`: flax's and big_vision's 1e-6; torch's (open_clip's) is 1e-5."""
-    return nn.LayerNorm(
+    `epsilon`: flax's and big_vision's 1e-6; torch's (open_clip's) is 1e-5. `recompute`:
+    the backward pass recomputes it from its input instead of keeping its output and
+    statistics (see EncoderBlock)."""
+    return (nn.remat(nn.LayerNorm) if recompute else nn.LayerNorm)(
         epsilon=epsilon,
         dtype=dtype,
         scale_init=partitioned(nn.initializers.ones, "embed"),
@@ -172,12 +175,15 @@ class MultiHeadAttention(nn.Module):
 
 
 class MlpBlock(nn.Module):
-    """Two dense layers with an activation (an ACTIVATIONS key) between them."""
+    """Two dense layers with an activation (an ACTIVATIONS key) between them.
+    `recompute_activation`: the backward pass recomputes the activation from fc1's output
+    instead of keeping its intermediates (GELU's tanh; see EncoderBlock)."""
 
     mlp_dim: int
     dropout_rate: float = 0.0
     dtype: Dtype = jnp.float32
     activation: str = "gelu_tanh"
+    recompute_activation: bool = False
 
     @nn.compact
     def __call__(self, x, *, deterministic: bool):
@@ -191,7 +197,8 @@ class MlpBlock(nn.Module):
             bias_init=partitioned(nn.initializers.zeros, "mlp"),
             name="fc1",
         )(x)
-        x = ACTIVATIONS[self.activation](x)
+        activation = ACTIVATIONS[self.activation]
+        x = (jax.checkpoint(activation) if self.recompute_activation else activation)(x)
         x = nn.Dropout(self.dropout_rate)(x, deterministic=deterministic)
         return nn.Dense(
             width,
@@ -208,6 +215,12 @@ class EncoderBlock(nn.Module):
     `deterministic` is an attribute rather than a call argument so that it stays a
     Python bool under `nn.remat` and `nn.scan`. The call returns (x, None), the
     (carry, per-step output) pair `nn.scan` expects of its body.
+
+    `recompute_elementwise`: the backward pass recomputes both LayerNorms and the MLP's
+    activation from their inputs, which it keeps anyway, instead of keeping their
+    outputs; the Encoder sets it when no remat policy decides. Measured on CPU (ViT-Ti
+    CLIP, batch 64; docs/benchmarks.md): 19% less temporary memory and a 6-8% faster
+    step, as fewer [B, T, W] and [B, T, mlp] buffers are written and read back.
     """
 
     num_heads: int
@@ -218,19 +231,21 @@ class EncoderBlock(nn.Module):
     deterministic: bool = True
     activation: str = "gelu_tanh"
     layer_norm_epsilon: float = 1e-6
+    recompute_elementwise: bool = False
 
     @nn.compact
     def __call__(self, x, key_lengths: Optional[jnp.ndarray]):
         # x: [B, T, W]; key_lengths: [B] (the rest of each row is padding) or None.
-        y = layer_norm(self.dtype, "ln_attention", self.layer_norm_epsilon)(x)
+        norm = functools.partial(layer_norm, self.dtype, epsilon=self.layer_norm_epsilon,
+                                 recompute=self.recompute_elementwise)
+        y = norm("ln_attention")(x)
         y = MultiHeadAttention(self.num_heads, self.dtype, self.causal, name="attention")(
             y, y, key_lengths)
         y = nn.Dropout(self.dropout_rate)(y, deterministic=self.deterministic)
         x = x + y
-        y = layer_norm(self.dtype, "ln_mlp", self.layer_norm_epsilon)(x)
-        y = MlpBlock(self.mlp_dim, self.dropout_rate, self.dtype, self.activation, name="mlp")(
-            y, deterministic=self.deterministic
-        )
+        y = norm("ln_mlp")(x)
+        y = MlpBlock(self.mlp_dim, self.dropout_rate, self.dtype, self.activation,
+                     self.recompute_elementwise, name="mlp")(y, deterministic=self.deterministic)
         y = nn.Dropout(self.dropout_rate)(y, deterministic=self.deterministic)
         x = nn.with_logical_constraint(x + y, ("batch", "length", "embed_act"))
         return x, None
@@ -274,6 +289,7 @@ class Encoder(nn.Module):
             deterministic=deterministic,
             activation=self.activation,
             layer_norm_epsilon=self.layer_norm_epsilon,
+            recompute_elementwise=self.remat == "none",  # a remat policy decides otherwise
         )
         if self.scan_layers:
             blocks = nn.scan(
