@@ -34,7 +34,8 @@ Variants (``NAMES``), with what each device must hold at once:
   Memory O(b * tile + b * D) per device.
 
 ``tile`` defaults to the largest divisor of b (B for the all-gather variants) that is
-at most ``DEFAULT_TILE``; pass ``tile_size`` to ``compute`` to choose the ring variants'.
+at most ``DEFAULT_TILE``, or to all of them where that divisor is narrow (`pick_tile`);
+pass ``tile_size`` to ``compute`` to choose the ring variants'.
 For the sigmoid variants ``bias=None`` means a bias of 0. For softmax the bias cancels out (its gradient is 0).
 
 Numerics: inputs are upcast to float32 before the logits are formed (bf16 inputs
@@ -86,10 +87,17 @@ def _check_mesh(batch: int, mesh, axis) -> int:
 
 
 def pick_tile(local_batch: int, tile_size: int | None) -> int:
-    """The ring variants' logits tile width for a per-device batch (``tile_size`` or
-    the default); the memory planner (plan.py) sizes the tiles with it."""
+    """The logits tile width for ``local_batch`` columns (``tile_size`` or the default);
+    the memory planner (plan.py) sizes the tiles with it.
+
+    The default is the largest divisor of ``local_batch`` up to ``DEFAULT_TILE``, unless
+    that is under a quarter of it (a batch such as 8 x 257 has no divisor between 9 and
+    256): tiles that narrow would run one loop step per few columns, so the columns are
+    then taken whole, as one tile.
+    """
     if tile_size is None:
-        return max(t for t in range(1, min(local_batch, DEFAULT_TILE) + 1) if local_batch % t == 0)
+        best = max(t for t in range(1, min(local_batch, DEFAULT_TILE) + 1) if local_batch % t == 0)
+        return best if best == local_batch or 4 * best >= DEFAULT_TILE else local_batch
     if tile_size <= 0 or local_batch % tile_size:
         raise ValueError(
             f"tile_size {tile_size} must be a positive divisor of the per-device batch "

@@ -143,6 +143,30 @@ def test_matches_reference_under_jit(name, mesh_kind):
                 assert grad.sharding.is_equivalent_to(NamedSharding(mesh, P("data", None)), 2)
 
 
+@pytest.mark.parametrize("mesh_kind", ["none", "data8"])
+@pytest.mark.parametrize("name", losses.NAMES)
+def test_batches_of_several_tiles_or_without_a_good_tile_match_reference(name, mesh_kind):
+    """B = 768: the all-gather variants loop over three 256-column tiles (CASES fit in
+    one). B = 8 x 257: no divisor near the default tile, so the columns come whole."""
+    mesh = MESHES[mesh_kind]()
+    for batch in (768, 8 * 257):
+        x, y = random_pair(batch, 4, helpers.random_seed())
+        expected_loss, expected_grads = reference(name, x, y, 10.0, -3.0)
+        loss, grads = jax.jit(_value_and_grads(name, mesh, None))(
+            on_mesh(x, mesh), on_mesh(y, mesh), jnp.float32(10.0), jnp.float32(-3.0))
+        assert_close(loss, expected_loss)
+        for actual, expected in zip(grads, expected_grads):
+            assert_close(actual, expected)
+
+
+def test_default_tiles_divide_the_batch_and_are_never_narrow():
+    for batch in range(1, 3000):
+        tile = losses.pick_tile(batch, None)
+        assert batch % tile == 0 and (tile == batch or 4 * tile >= losses.DEFAULT_TILE), batch
+    assert losses.pick_tile(8192, None) == 256 and losses.pick_tile(1000, None) == 250
+    assert losses.pick_tile(8 * 257, None) == 8 * 257
+
+
 @pytest.mark.parametrize("name", losses.NAMES)
 def test_matches_reference_eagerly(name):
     x, y = random_pair(16, 8, seed=7)
