@@ -349,6 +349,19 @@ def load_saved(workdir: str) -> ml_collections.ConfigDict | None:
         raise UserError(f"cannot read the saved config {path}: {error}; restore or delete it") from None
 
 
+def load_source_run(workdir: str, recipe: str, role: str) -> ml_collections.ConfigDict:
+    """The saved config of the run a recipe starts from (`--config RECIPE:WORKDIR`), or a
+    one-line UserError naming the fix: no workdir given, or none saved there. `role`
+    says what the recipe takes from it ("the run whose image tower it locks")."""
+    if not workdir:
+        raise UserError(f"{recipe} needs {role}: --config {recipe}:/path/to/workdir")
+    source = load_saved(workdir)
+    if source is None:
+        raise UserError(f"{workdir!r} has no saved config ({SAVED_CONFIG}); give {recipe} "
+                        f"the workdir of an imported checkpoint or a bigalign run")
+    return source
+
+
 def check_resume(saved, config, workdir: str, defining: tuple = RUN_DEFINING) -> list[str]:
     """Compares the config a run was started with to the one resuming it.
 

@@ -27,19 +27,13 @@ from BERT; here it is a bidirectional B-sized Transformer pooled at its first to
 import math
 
 from bigalign import config as config_lib
-from bigalign.errors import UserError
 
 TOTAL_STEPS = 5000
 
 
 def get_config(image_run: str = ""):
-    if not image_run:
-        raise UserError("configs/lit.py needs the run whose image tower it locks: "
-                        "--config configs/lit.py:/path/to/workdir")
-    source = config_lib.load_saved(image_run)
-    if source is None:
-        raise UserError(f"{image_run!r} has no saved config ({config_lib.SAVED_CONFIG}); give "
-                        f"configs/lit.py the workdir of an imported checkpoint or a bigalign run")
+    source = config_lib.load_source_run(image_run, "configs/lit.py",
+                                        "the run whose image tower it locks")
     config = config_lib.base_config()
     config.batch_size = 4096
     config.total_steps = TOTAL_STEPS

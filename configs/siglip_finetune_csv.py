@@ -28,19 +28,13 @@ Where the settings come from:
 """
 
 from bigalign import config as config_lib
-from bigalign.errors import UserError
 
 TOTAL_STEPS = 5000
 
 
 def get_config(siglip_run: str = ""):
-    if not siglip_run:
-        raise UserError("configs/siglip_finetune_csv.py needs the SigLIP run to fine-tune: "
-                        "--config configs/siglip_finetune_csv.py:/path/to/workdir")
-    source = config_lib.load_saved(siglip_run)
-    if source is None:
-        raise UserError(f"{siglip_run!r} has no saved config ({config_lib.SAVED_CONFIG}); give "
-                        f"the workdir of an imported checkpoint or a bigalign run")
+    source = config_lib.load_source_run(siglip_run, "configs/siglip_finetune_csv.py",
+                                        "the SigLIP run to fine-tune")
     config = config_lib.base_config()
     config.batch_size = 512
     config.total_steps = TOTAL_STEPS
