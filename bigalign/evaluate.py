@@ -67,4 +67,7 @@ def main(argv=None) -> None:
 
 
 if __name__ == "__main__":
+    from bigalign import host_memory
+
+    host_memory.use_huge_pages()
     main()

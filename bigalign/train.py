@@ -260,5 +260,9 @@ def _line_in(error: BaseException, path: str | None) -> int | None:
 if __name__ == "__main__":
     from absl import app
 
+    from bigalign import host_memory
+
+    host_memory.use_huge_pages()
+
     define_flags()
     app.run(main, flags_parser=parse_flags)

@@ -31,6 +31,13 @@ os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "-1")
 
 import jax  # noqa: E402  (must come after XLA_FLAGS)
 
+from bigalign import host_memory  # noqa: E402
+
+# Huge pages for the xdist workers and the CLI runs the tests start, which then do not
+# re-execute themselves for them (bigalign/host_memory.py, tests/test_host_memory.py).
+if host_memory.needs_tunable():
+    os.environ.update(host_memory.with_tunable(os.environ))
+
 jax.config.update("jax_enable_x64", False)
 
 import numpy as np  # noqa: E402

@@ -121,6 +121,10 @@ def main(argv) -> None:
 
 if __name__ == "__main__":
     from absl import app, flags
+
+    from bigalign import host_memory
+
+    host_memory.use_huge_pages()  # as the trainer runs
     from ml_collections import config_flags
 
     config_flags.DEFINE_config_file("config", None, "Config file (configs/*.py).")

@@ -237,4 +237,7 @@ def main() -> None:
 
 
 if __name__ == "__main__":
+    from bigalign import host_memory
+
+    host_memory.use_huge_pages()  # as the trainer runs (both frameworks share the process)
     main()

@@ -1,0 +1,36 @@
+"""The entry points' huge pages (bigalign/host_memory.py): a command without the glibc
+tunable re-executes itself once with it, keeping the tunables it had; one that has it,
+or turns it off, runs as it is. A process boundary is the point: glibc reads tunables
+only at start."""
+
+import os
+import subprocess
+import sys
+
+from bigalign import host_memory
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# Prints the tunables the process ends up with, and how many times it started.
+SCRIPT = ("import os, sys; print('start', flush=True); from bigalign import host_memory; "
+          "host_memory.use_huge_pages(); print(os.environ.get('GLIBC_TUNABLES'))")
+
+
+def run(**environ) -> list[str]:
+    base = {k: v for k, v in os.environ.items() if k not in ("GLIBC_TUNABLES", "BIGALIGN_HUGE_PAGES")}
+    done = subprocess.run([sys.executable, "-c", SCRIPT], env={**base, **environ}, cwd=REPO,
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    return done.stdout.split()
+
+
+def test_a_command_without_the_tunable_restarts_once_with_it_and_keeps_its_others():
+    kept = "glibc.malloc.arena_max=4"
+    if host_memory.needs_tunable({"GLIBC_TUNABLES": kept}):  # Linux, glibc, THP on request
+        assert run(GLIBC_TUNABLES=kept) == ["start", "start", f"{kept}:{host_memory.TUNABLE}"]
+    else:
+        assert run(GLIBC_TUNABLES=kept) == ["start", kept]
+
+
+def test_a_command_with_the_tunable_or_turned_off_runs_as_it_is():
+    assert run(GLIBC_TUNABLES=host_memory.TUNABLE) == ["start", host_memory.TUNABLE]
+    assert run(BIGALIGN_HUGE_PAGES="0") == ["start", "None"]
