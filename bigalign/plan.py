@@ -136,8 +136,8 @@ class Tower:
                 + self.buffers((self.stem_buffers, 0, 0), rows) + rows * self.pixel_copy)
 
     def recomputed(self, rows: int) -> int:
-        """What a rematerialised block adds while it is differentiated: the rest of an
-        unrolled block's buffers."""
+        """What a rematerialised block adds while it is differentiated: the rest of
+        DIFFERENTIATED_BLOCK's buffers."""
         if self.remat == "none" or not self.depth:
             return 0
         rest = tuple(a - b for a, b in zip(DIFFERENTIATED_BLOCK, KEPT_PER_BLOCK[self.remat]))

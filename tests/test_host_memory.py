@@ -10,8 +10,8 @@ import sys
 from bigalign import host_memory
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-# Prints the tunables the process ends up with, and how many times it started.
-SCRIPT = ("import os, sys; print('start', flush=True); from bigalign import host_memory; "
+# Prints "start" each time the process starts, then the tunables it ends up with.
+SCRIPT = ("import os; print('start', flush=True); from bigalign import host_memory; "
           "host_memory.use_huge_pages(); print(os.environ.get('GLIBC_TUNABLES'))")
 
 

@@ -121,12 +121,11 @@ def main(argv) -> None:
 
 if __name__ == "__main__":
     from absl import app, flags
+    from ml_collections import config_flags
 
     from bigalign import host_memory
 
     host_memory.use_huge_pages()  # as the trainer runs
-    from ml_collections import config_flags
-
     config_flags.DEFINE_config_file("config", None, "Config file (configs/*.py).")
     flags.DEFINE_integer("steps", 20, "Timed steps.")
     flags.DEFINE_integer("warmup", 3, "Untimed steps after compilation.")
