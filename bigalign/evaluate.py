@@ -8,6 +8,11 @@ metrics and appends them to WORKDIR/metrics.jsonl (and TensorBoard) at that step
 the trainer's evaluation would have. Python: `evaluate_run(workdir, step, overrides)`.
 """
 
+if __name__ == "__main__":  # first, so that a restart comes before jax loads
+    from bigalign import host_memory
+
+    host_memory.use_huge_pages()
+
 import sys
 
 from bigalign import api, config as config_lib, distributed, evaluators, train
@@ -67,7 +72,4 @@ def main(argv=None) -> None:
 
 
 if __name__ == "__main__":
-    from bigalign import host_memory
-
-    host_memory.use_huge_pages()
     main()

@@ -16,6 +16,11 @@ resumes from its latest checkpoint, data position included, after checking the
 config against the one saved in the workdir.
 """
 
+if __name__ == "__main__":  # first, so that a restart comes before jax loads
+    from bigalign import host_memory
+
+    host_memory.use_huge_pages()
+
 import os
 import re
 import sys
@@ -259,10 +264,6 @@ def _line_in(error: BaseException, path: str | None) -> int | None:
 
 if __name__ == "__main__":
     from absl import app
-
-    from bigalign import host_memory
-
-    host_memory.use_huge_pages()
 
     define_flags()
     app.run(main, flags_parser=parse_flags)

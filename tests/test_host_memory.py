@@ -34,3 +34,14 @@ def test_a_command_without_the_tunable_restarts_once_with_it_and_keeps_its_other
 def test_a_command_with_the_tunable_or_turned_off_runs_as_it_is():
     assert run(GLIBC_TUNABLES=host_memory.TUNABLE) == ["start", host_memory.TUNABLE]
     assert run(BIGALIGN_HUGE_PAGES="0") == ["start", "None"]
+
+
+def test_the_package_loads_without_jax_so_a_restart_before_it_is_cheap():
+    """`python -m bigalign.train` imports the package before the trainer's restart: that
+    import must not load jax (2.5 s), which bigalign.build and bigalign.losses still do."""
+    script = ("import sys, bigalign; print('jax' in sys.modules); "
+              "bigalign.build; bigalign.losses; print('jax' in sys.modules)")
+    done = subprocess.run([sys.executable, "-c", script], cwd=REPO, capture_output=True,
+                          text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.split() == ["False", "True"]
