@@ -38,13 +38,29 @@ def evaluate_run(workdir: str, step: int | None = None, config=None) -> tuple[in
     return model.step, results
 
 
+def command_flags(saved):
+    """The command's flags, with the run's saved config as `--config`'s default."""
+    from absl import flags
+    from ml_collections import config_flags
+
+    flag_values = flags.FlagValues()
+    config_flags.DEFINE_config_dict("config", saved, "The run's config, with overrides.",
+                                    flag_values=flag_values)
+    flags.DEFINE_string("workdir", None, "The run to evaluate.", flag_values=flag_values)
+    flags.DEFINE_integer("step", None, "The checkpoint (default: the latest).",
+                         flag_values=flag_values)
+    return flag_values
+
+
 def main(argv=None) -> None:
     """The command line: the saved config becomes the `--config` flag's default, so
     `--config.key=value` overrides it."""
     from absl import flags
-    from ml_collections import config_flags
+    from ml_collections import ConfigDict
 
     argv = sys.argv if argv is None else argv
+    if train.asks_for_help(argv):  # before the run's config, which it needs none of
+        train.exit_with_help(command_flags(ConfigDict()), __doc__)
     workdir = train.flag_value(argv[1:], "workdir")
     if workdir is None:
         sys.exit("bigalign: error: --workdir is required: the run to evaluate")
@@ -55,12 +71,7 @@ def main(argv=None) -> None:
     if saved is None:
         sys.exit(f"bigalign: error: {workdir_lib.path(workdir)} holds no {config_lib.SAVED_CONFIG}: "
                  f"not a bigalign run; give the --workdir a training run wrote")
-    flag_values = flags.FlagValues()
-    config_flags.DEFINE_config_dict("config", saved, "The run's config, with overrides.",
-                                    flag_values=flag_values)
-    flags.DEFINE_string("workdir", None, "The run to evaluate.", flag_values=flag_values)
-    flags.DEFINE_integer("step", None, "The checkpoint (default: the latest).",
-                         flag_values=flag_values)
+    flag_values = command_flags(saved)
     try:
         flag_values(argv)
     except flags.Error as error:

@@ -405,6 +405,8 @@ def main(argv=None) -> None:
     argv = sys.argv if argv is None else argv
     flag_values = flags.FlagValues()
     define_flags(flag_values)
+    if train.asks_for_help(argv):
+        train.exit_with_help(flag_values, __doc__)
     train.parse_flags(argv, flag_values)
     if flag_values.config is None:
         sys.exit("bigalign: error: --config is required, e.g. --config configs/demo.py")

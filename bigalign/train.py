@@ -226,6 +226,21 @@ def parse_flags(argv, flag_values=None):
         sys.exit(f"bigalign: error in a --config override: {message}")
 
 
+HELP_ARGS = ("-h", "--help", "--helpfull", "-?")
+
+
+def asks_for_help(argv) -> bool:
+    return any(arg in HELP_ARGS for arg in argv[1:])
+
+
+def exit_with_help(flag_values, usage: str) -> None:
+    """Prints `usage` and the flags of `flag_values`, and exits: for commands that parse
+    their own FlagValues (bigalign.plan, bigalign.evaluate) where `asks_for_help`; the
+    trainer's absl app answers --help and --helpfull itself."""
+    print(f"{usage.strip()}\n\nflags:\n{flag_values.get_help()}")
+    sys.exit(0)
+
+
 def flag_value(argv, name: str) -> str | None:
     """The value of `--name=VALUE` or `--name VALUE` in argv, before flags are parsed; or None."""
     for i, arg in enumerate(argv):

@@ -177,3 +177,14 @@ def test_evaluate_command_errors_are_one_line(trained, tmp_path, monkeypatch, ar
     with pytest.raises(SystemExit) as exit_info:
         evaluate.main()
     assert message in str(exit_info.value) and "\n" not in str(exit_info.value)
+
+
+@pytest.mark.parametrize("asks", ["--help", "-h", "--helpfull"])
+def test_evaluate_help_prints_usage_and_flags(capsys, monkeypatch, asks):
+    """The error lines point to --helpfull, so it, and --help, must answer (with no run)."""
+    monkeypatch.setattr(sys, "argv", ["evaluate", asks])
+    with pytest.raises(SystemExit) as exit_info:
+        evaluate.main()
+    assert exit_info.value.code == 0
+    out = capsys.readouterr().out
+    assert out.startswith("Evaluating a saved run") and "--workdir" in out and "--step" in out

@@ -160,6 +160,16 @@ def load_demo():
     return demo.get_config()
 
 
+def test_help_prints_usage_and_flags(capsys):
+    """The error lines point to --helpfull, so it, and --help, must answer."""
+    for asks in ("--help", "--helpfull"):
+        with pytest.raises(SystemExit) as exit_:
+            run_cli(asks)
+        assert exit_.value.code == 0
+        out = capsys.readouterr().out
+        assert out.startswith("The memory planner") and "--hbm_gib" in out and "--devices" in out
+
+
 def test_command_line_mistakes_are_one_line_errors(monkeypatch):
     monkeypatch.setitem(objectives.LOSSES._entries, "my_loss", objectives.LOSSES.get("sigmoid"))
     assert cli_error("--config", DEMO, "--devices", "6", "--hbm_gib", "1") == (
