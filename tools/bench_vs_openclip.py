@@ -86,7 +86,18 @@ def timed(fn, n: int) -> float:
     return (time.perf_counter() - start) / n
 
 
-class OpenClipWorker:
+class Worker:
+    """The calls both workers answer alike, once set up: `step` (one train step) and
+    `loss` (one forward and backward pass), each waiting for its own result."""
+
+    def steps(self, n: int) -> float:
+        return timed(self.step, n)
+
+    def run_loss(self) -> float:
+        return timed(self.loss, 1)
+
+
+class OpenClipWorker(Worker):
     """The open_clip side: its process runs torch, and never starts a jax backend."""
 
     def __init__(self):
@@ -105,7 +116,6 @@ class OpenClipWorker:
 
     def peak(self) -> float:
         a, b = torch.randn(2048, 2048), torch.randn(2048, 2048)
-        a @ b
         return 2 * 2048**3 / min(timed(lambda: a @ b, 1) for _ in range(5))
 
     def init_model(self, weights_path: str) -> None:
@@ -154,9 +164,6 @@ class OpenClipWorker:
         self.step = step
         return float(step().detach())
 
-    def steps(self, n: int) -> float:
-        return timed(self.step, n)
-
     def setup_loss(self, name: str, batch: int, dim: int) -> None:
         from open_clip.loss import SigLipLoss
 
@@ -173,11 +180,8 @@ class OpenClipWorker:
         self.loss = forward_backward
         forward_backward()
 
-    def run_loss(self) -> float:
-        return timed(self.loss, 1)
 
-
-class BigalignWorker:
+class BigalignWorker(Worker):
     """The bigalign side: its process runs jax, and never imports torch."""
 
     def __init__(self):
@@ -216,12 +220,9 @@ class BigalignWorker:
         self.run, self.batch, self.compiled = run, batch, step
         return {"loss": float(metrics["train/loss"]), "flops": run.flops_per_step}
 
-    def _step(self) -> None:
+    def step(self) -> None:
         self.state, _ = self.compiled(self.state, self.batch)
         jax.block_until_ready(self.state)
-
-    def steps(self, n: int) -> float:
-        return timed(self._step, n)
 
     def products_alone(self) -> dict:
         seconds, flops, count = machine_peak.products_alone(self.run.train_step, self.state,
@@ -245,9 +246,6 @@ class BigalignWorker:
         args = tuple(jnp.asarray(a) for a in loss_inputs(batch, dim))
         self.loss = lambda: jax.block_until_ready(grads(*args))
         self.loss()
-
-    def run_loss(self) -> float:
-        return timed(self.loss, 1)
 
 
 WORKERS = {"bigalign": BigalignWorker, "open_clip": OpenClipWorker}
